@@ -1,0 +1,112 @@
+"""The `strata` command: `strata data|pretrain|generate|ui ...`. Jobs in jobs/ call into the same functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from rich.console import Console
+
+from strata.config import ConfigError, PretrainConfig, load_config
+
+console = Console(stderr=True)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML job config")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. optim.lr=3e-4"
+    )
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from strata.data.prepare import prepare_data
+
+    cfg = load_config(args.config, args.overrides, PretrainConfig)
+    prepare_data(cfg.data, console)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides, PretrainConfig)  # fails before any Ray work starts
+    from strata.runtime import init_ray
+    from strata.train.pretrain import run_pretraining
+
+    started = time.perf_counter()
+    init_ray()
+    result = run_pretraining(cfg, console)
+    m = result.metrics
+    console.rule(f"pretraining {cfg.run_name}: done in {time.perf_counter() - started:.0f}s")
+    if result.first_loss is not None:
+        console.print(f"loss: first {result.first_loss:.3f} -> last {m.get('loss', float('nan')):.3f} (step {m.get('step')})")
+    console.print(f"checkpoint: {result.checkpoint_path}")
+    if result.registered_version:
+        console.print(f"registered: models:/{cfg.tracking.registered_model}/{result.registered_version}")
+    console.print(f"MLflow run: {result.run_id}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from strata import registry, tracking
+
+    model_dir = args.model
+    if not os.path.isdir(model_dir):
+        tracking.use_store()
+        model_dir = registry.download_model(registry.resolve_uri(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for prompt in args.prompt:
+        text = registry.generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature)
+        print(f"{prompt}\033[1m{text}\033[0m\n")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from strata import tracking
+
+    uri = tracking.tracking_uri()
+    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    os.execvp(command[0], command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build the corpus, tokenizer and packed sequences of a config")
+    add_config_args(data)
+    data.set_defaults(func=cmd_data)
+
+    pretrain = sub.add_parser("pretrain", help="pretrain an MoE model on Ray Train")
+    add_config_args(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    generate = sub.add_parser("generate", help="generate text from a registered model or a model directory")
+    generate.add_argument("--model", required=True, help="models:/NAME@ALIAS, NAME/VERSION or a directory")
+    generate.add_argument("--prompt", action="append", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.set_defaults(func=cmd_generate)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Typed job configuration: YAML files validated by pydantic, with dotted command-line overrides.
+
+Every job reads one file (`--config FILE`) plus `--set a.b=value` overrides. Validation happens here,
+before any Ray work starts, and an error names the file and the dotted field that is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from strata.paths import resolve
+
+
+class ConfigError(ValueError):
+    """A job configuration is invalid; the message names the file and the field."""
+
+
+class StrictModel(BaseModel):
+    # Unknown keys are errors: a misspelt option must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def stdlib_source_dir() -> str:
+    """The Python standard library's own source tree: the default corpus, present on every machine."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+class ModelConfig(StrictModel):
+    name: str = Field("tiny", description="A preset (tiny, small, moe-1b), a local HF directory or a hub id.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Extra transformers config fields.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from strata.models.presets import PRESETS
+
+        if name in PRESETS:
+            return name
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise ValueError(f"{path} is a directory but has no config.json (not a transformers model)")
+            return str(path.resolve())
+        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+        if looks_like_path:
+            raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model directory")
+        return name  # a hub id such as "Qwen/Qwen3-30B-A3B", loaded with from_pretrained
+
+
+class DataConfig(StrictModel):
+    name: str = Field("stdlib", description="Dataset name: outputs go to <data_dir>/<name>/.")
+    source_dir: str = Field(default_factory=stdlib_source_dir, description="Directory of text/source files.")
+    extensions: list[str] = Field(default_factory=lambda: [".py"])
+    exclude_dirs: list[str] = Field(default_factory=lambda: ["site-packages", "__pycache__"])
+    max_files: int | None = Field(None, gt=0, description="Cap on files read (sorted by path).")
+    docs_per_shard: int = Field(2000, gt=0)
+    data_dir: str = Field("data", description="Where corpus, tokenizer and packed tokens are written.")
+    tokenizer: str | None = Field(None, description="An existing tokenizer directory; default: train one.")
+    vocab_size: int = Field(4096, ge=512)
+    seq_len: int = Field(128, ge=8)
+
+    @field_validator("source_dir")
+    @classmethod
+    def _source_exists(cls, source_dir: str) -> str:
+        if not Path(source_dir).expanduser().is_dir():
+            raise ValueError(f"source directory {source_dir!r} does not exist")
+        return str(Path(source_dir).expanduser().resolve())
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, tokenizer: str | None) -> str | None:
+        if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
+            raise ValueError(f"tokenizer directory {tokenizer!r} does not exist")
+        return tokenizer and str(Path(tokenizer).expanduser().resolve())
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, extensions: list[str]) -> list[str]:
+        if not extensions or any(not e.startswith(".") for e in extensions):
+            raise ValueError("extensions must be a non-empty list like ['.py', '.md']")
+        return extensions
+
+    @property
+    def root(self) -> Path:
+        return Path(resolve(self.data_dir)) / self.name
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(300, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per worker per forward pass.")
+    global_batch_size: int = Field(32, gt=0, description="Sequences per optimizer step, across all workers.")
+    seed: int = 0
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("betas must each be in [0, 1)")
+        return betas
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = Field(50, gt=0)
+    keep_last: int = Field(3, gt=0)
+    storage_path: str = Field("runs", description="Local directory or s3:// URI for Ray Train storage.")
+
+    @property
+    def resolved_storage_path(self) -> str:
+        return resolve(self.storage_path)
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+
+    @property
+    def autocast_bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+
+class TrackingConfig(StrictModel):
+    tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local sqlite file.")
+    experiment: str = "strata-pretrain"
+    registered_model: str | None = Field("strata-tiny", description="Registry name; null to skip registering.")
+    log_every_steps: int = Field(10, gt=0)
+
+
+class PretrainConfig(StrictModel):
+    run_name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> PretrainConfig:
+        per_step = self.optim.micro_batch_size * self.scaling.num_workers
+        if self.optim.global_batch_size % per_step:
+            raise ValueError(
+                f"optim.global_batch_size ({self.optim.global_batch_size}) must be a multiple of "
+                f"optim.micro_batch_size x scaling.num_workers ({per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.optim.global_batch_size // (self.optim.micro_batch_size * self.scaling.num_workers)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw_value: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw_value)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = (), schema: type[StrictModel] = PretrainConfig):
+    """Read a YAML job config, apply `a.b=value` overrides and validate it against `schema`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
+
+
+def format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") else ""
+        lines.append(f"  {field}: {message}{got}")
+    return "\n".join(lines)
+
+
+def dump_config(config: StrictModel) -> str:
+    """The resolved config as YAML, saved next to every checkpoint and tracked run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: StrictModel) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+

@@ -1,0 +1,76 @@
+"""The MLflow model registry: Strata models are transformers directories wrapped as MLflow pyfunc models.
+
+Wrapping (rather than `mlflow.transformers`/`mlflow.pytorch`) keeps the files a plain transformers
+directory that serving and fine-tuning load with `from_pretrained`, and needs no tracing or hub access.
+`mlflow.pyfunc.load_model(uri).predict(["prompt", ...])` still generates text, for quick checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+HF_ARTIFACT = "hf_model"
+
+
+class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
+    """Greedy text continuation of a list of prompts (the registry's smoke test, not the serving engine)."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = context.artifacts[HF_ARTIFACT]
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.model = AutoModelForCausalLM.from_pretrained(directory).eval()
+
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+        prompts = list(model_input)
+        max_new_tokens = int((params or {}).get("max_new_tokens", 32))
+        return [generate_text(self.model, self.tokenizer, p, max_new_tokens) for p in prompts]
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0) -> str:
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def log_model(hf_dir: str | Path, registered_name: str | None, tags: dict[str, str] | None = None):
+    """Log `hf_dir` into the active run as a pyfunc model and, if named, register a new version of it."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=CausalLMPyfunc(),
+        artifacts={HF_ARTIFACT: str(hf_dir)},
+        # Explicit requirements: inferring them would load the model in a subprocess.
+        pip_requirements=["torch", "transformers", "tokenizers", "mlflow"],
+    )
+    if not registered_name:
+        return None
+    version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    return version
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def resolve_uri(model: str) -> str:
+    """`NAME@ALIAS`, `NAME/VERSION` or `models:/...` -> a `models:/` URI."""
+    if model.startswith("models:/"):
+        return model
+    return f"models:/{model}"
+
+
+def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
+    """The transformers directory of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`)."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst and str(dst)))
+    flavor = Model.load(local / "MLmodel").flavors["python_function"]
+    return local / flavor["artifacts"][HF_ARTIFACT]["path"]

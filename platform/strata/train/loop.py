@@ -1,0 +1,168 @@
+"""The pretraining loop that every Ray Train worker runs, written out plainly.
+
+One optimizer step consumes one global batch (optim.global_batch_size sequences, whatever the number of
+workers): each rank takes its share and runs `grad_accum` micro-batches, DDP averages gradients on the last
+one. Every `checkpoint.every_steps` steps rank 0 writes model, optimizer, scheduler, step and data cursor.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from strata.config import OptimConfig, PretrainConfig, dump_config
+from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
+from strata.data.tokenizer import load_tokenizer
+from strata.models.moe_stats import expert_load
+from strata.models.presets import build_model
+
+TRAIN_STATE = "train_state.pt"
+MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    tokenizer_dir: str
+    packed_dir: str
+
+
+def lr_lambda(optim: OptimConfig):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or router-free vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=False)
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, step: int, cursor: DataCursor, cfg):
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(directory / MODEL_DIR)
+    tokenizer.save_pretrained(directory / MODEL_DIR)
+    torch.save(
+        {
+            "step": step,
+            "cursor": cursor.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        directory / TRAIN_STATE,
+    )
+    (directory / "config.yaml").write_text(dump_config(cfg))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = PretrainConfig.model_validate(loop_config["config"])
+    paths = DataPaths(**loop_config["paths"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    tokenizer = load_tokenizer(paths.tokenizer_dir)
+    data = torch.from_numpy(load_packed(paths.packed_dir))
+
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint:  # resuming: architecture and weights come from the checkpoint, not the preset
+        with checkpoint.as_directory() as ckpt_dir:
+            model = build_model(str(Path(ckpt_dir) / MODEL_DIR), len(tokenizer), {})
+            state = torch.load(Path(ckpt_dir) / TRAIN_STATE, weights_only=False)
+    else:
+        special_ids = dict(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+        model = build_model(cfg.model.name, len(tokenizer), special_ids, cfg.model.overrides, seed=cfg.optim.seed)
+    model.config.output_router_logits = True
+    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    step, cursor = 0, DataCursor()
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, cursor = state["step"], DataCursor(**state["cursor"])
+
+    schedule = GlobalBatchSchedule(len(data), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
+    grad_accum = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * world_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.autocast_bf16 else nullcontext()
+    unwrapped_config = getattr(model, "module", model).config
+    top_k = getattr(unwrapped_config, "num_experts_per_tok", 0)
+    aux_coef = getattr(unwrapped_config, "router_aux_loss_coef", 0.0)
+    tokens_per_step = cfg.optim.global_batch_size * data.shape[1]
+
+    model.train()
+    window_start, window_steps = time.perf_counter(), 0
+    while step < cfg.optim.max_steps:
+        micro_batches = data[schedule.next_indices(rank, world_size)].to(device).split(cfg.optim.micro_batch_size)
+        assert len(micro_batches) == grad_accum, f"{len(micro_batches)} micro-batches, expected {grad_accum}"
+        lm_loss = aux_loss = 0.0
+        for i, batch in enumerate(micro_batches):
+            is_last = i == grad_accum - 1
+            sync = nullcontext() if is_last or world_size == 1 else model.no_sync()  # all-reduce once per step
+            with sync, autocast:
+                out = model(input_ids=batch, labels=batch)
+                (out.loss / grad_accum).backward()
+            aux = out.aux_loss.item() if getattr(out, "aux_loss", None) is not None else 0.0  # None: dense model
+            lm_loss += (out.loss.item() - aux_coef * aux) / grad_accum
+            aux_loss += aux / grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.optim.max_steps
+        if not (checkpoint_due or step % cfg.tracking.log_every_steps == 0):
+            continue
+        elapsed = time.perf_counter() - window_start
+        losses = mean_across_ranks(torch.tensor([lm_loss, aux_loss], device=device))
+        metrics = {
+            "step": step,
+            "loss": losses[0].item(),
+            "aux_loss": losses[1].item(),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_step * window_steps / elapsed,
+            "epoch": schedule.cursor.epoch,
+        }
+        if getattr(out, "router_logits", None):
+            metrics.update(expert_load(out.router_logits, top_k).summary())
+        if checkpoint_due:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(Path(tmp), model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
+                ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        else:
+            ray.train.report(metrics)
+        window_start, window_steps = time.perf_counter(), 0
+

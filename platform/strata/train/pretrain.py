@@ -1,0 +1,102 @@
+"""Pretraining on Ray Train: prepare data, run the TorchTrainer, track in MLflow, register the model.
+
+Re-running with the same `run_name` and storage path resumes from the latest checkpoint (Ray Train finds
+it in storage) and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from rich.console import Console
+
+from strata import registry, tracking
+from strata.config import PretrainConfig, dump_config, flatten
+from strata.data.prepare import prepare_data
+from strata.train.loop import MODEL_DIR, train_loop_per_worker
+
+
+FINAL_CHECKPOINT_TAG = "strata.final_checkpoint"
+REGISTERED_VERSION_TAG = "strata.registered_version"
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_id: str
+    checkpoint_path: str
+    model_dir: str  # the final transformers directory (inside the last checkpoint)
+    metrics: dict
+    registered_version: str | None
+    first_loss: float | None
+
+
+def make_trainer(cfg: PretrainConfig, loop_config: dict, callbacks: list) -> TorchTrainer:
+    scaling = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.checkpoint.resolved_storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def register_once(cfg: PretrainConfig, run, checkpoint_path: str, model_dir: Path, tokenizer_dir: str) -> str | None:
+    """Log and register the final model, unless this run already did so for this same checkpoint
+    (re-running a finished run name resumes at its last step and trains nothing)."""
+    tags = run.data.tags if run.data else {}
+    if tags.get(FINAL_CHECKPOINT_TAG) == checkpoint_path:
+        return tags.get(REGISTERED_VERSION_TAG)
+    mlflow.log_artifacts(tokenizer_dir, "tokenizer")
+    version = registry.log_model(
+        model_dir, cfg.tracking.registered_model, tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name}
+    )
+    mlflow.set_tag(FINAL_CHECKPOINT_TAG, checkpoint_path)
+    if version is None:
+        return None
+    mlflow.set_tag(REGISTERED_VERSION_TAG, version.version)
+    return version.version
+
+
+def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
+    console = console or Console(stderr=True)
+    data = prepare_data(cfg.data, console)
+    uri = tracking.use_store(cfg.tracking.tracking_uri)
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
+    }
+    with tracking.start_run(cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags={"strata.job": "pretrain"}) as run:
+        run_id = run.info.run_id
+        mlflow.log_text(dump_config(cfg), "config.yaml")
+        console.print(f"MLflow run {run_id} in {uri}")
+        trainer = make_trainer(cfg, loop_config, [tracking.MlflowMetricsCallback(uri, run_id)])
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
+        model_dir = Path(result.checkpoint.to_directory()) / MODEL_DIR
+        version = register_once(cfg, run, result.checkpoint.path, model_dir, data.tokenizer_dir)
+    history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    first_loss = min(history, key=lambda m: m.step).value if history else None
+    return PretrainResult(
+        run_id=run_id,
+        checkpoint_path=result.checkpoint.path,
+        model_dir=str(model_dir),
+        metrics=result.metrics,
+        registered_version=version,
+        first_loss=first_loss,
+    )

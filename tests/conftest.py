@@ -1,0 +1,48 @@
+"""Shared fixtures: one real local Ray instance per test session, and small data to train on."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+# A small, fixed slice of the standard library: enough text to learn from, quick to tokenize.
+SMALL_CORPUS_FILES = 120
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A fresh local Ray instance (never an existing cluster), shut down at the end of the session."""
+    import ray
+
+    from strata.runtime import strata_runtime_env
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env=strata_runtime_env())
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def strata_home(tmp_path, monkeypatch) -> Path:
+    """An empty STRATA_HOME, so runs, data and the MLflow store of each test stay apart."""
+    monkeypatch.setenv("STRATA_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """Corpus, tokenizer and packed sequences of a slice of the stdlib, built once per session."""
+    from strata.config import DataConfig
+    from strata.data.prepare import prepare_data
+
+    data_dir = tmp_path_factory.mktemp("data")
+    cfg = DataConfig(data_dir=str(data_dir), max_files=SMALL_CORPUS_FILES, vocab_size=1024, seq_len=64)
+    return cfg, prepare_data(cfg)

@@ -1,0 +1,101 @@
+"""A bad config fails before any Ray work starts, with a message naming the file and the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from strata.cli import main
+from strata.config import ConfigError, PretrainConfig, flatten, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain-tiny.yaml"
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def base_tree() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("pretrain-*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config_file):
+    cfg = load_config(config_file)
+    assert cfg.grad_accum_steps >= 1
+
+
+def test_overrides_apply_dotted_keys_with_yaml_types():
+    cfg = load_config(TINY, ["optim.lr=3e-4", "scaling.num_workers=1", "optim.betas=[0.8, 0.9]"])
+    assert cfg.optim.lr == 3e-4
+    assert cfg.scaling.num_workers == 1
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.grad_accum_steps == 4  # 32 / (8 x 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        (lambda t: t["optim"].update(lr=-1), "optim.lr", "greater than 0"),
+        (lambda t: t["optim"].update(lrr=1), "optim.lrr", "unknown key"),
+        (lambda t: t.update(extra_section={}), "extra_section", "unknown key"),
+        (lambda t: t["optim"].update(max_steps="many"), "optim.max_steps", "valid integer"),
+        (lambda t: t["data"].update(source_dir="/no/such/dir"), "data.source_dir", "does not exist"),
+        (lambda t: t["model"].update(name="./missing-model"), "model.name", "neither a preset"),
+        (lambda t: t["optim"].update(global_batch_size=30), "(top level)", "multiple of"),
+        (lambda t: t.pop("run_name"), "run_name", "Field required"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path, change, field, message):
+    tree = base_tree()
+    change(tree)
+    path = write(tmp_path, tree)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert str(path) in text
+    assert f"  {field}: " in text
+    assert message in text
+
+
+def test_missing_config_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(TINY, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: Input should be greater than 0"):
+        load_config(TINY, ["optim.lr=-3"])
+
+
+def test_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    code = main(["pretrain", "--config", str(TINY), "--set", "optim.lr=-1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and str(TINY) in err
+    assert not ray.is_initialized()
+
+
+def test_job_entrypoint_exits_nonzero_with_field_in_message(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(TINY), "--set", "scaling.num_workers=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "scaling.num_workers" in proc.stderr
+
+
+def test_flatten_gives_every_leaf_for_mlflow_params():
+    flat = flatten(PretrainConfig(run_name="x"))
+    assert flat["optim.lr"] == PretrainConfig(run_name="x").optim.lr
+    assert "checkpoint.storage_path" in flat and "model.name" in flat

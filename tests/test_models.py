@@ -1,0 +1,76 @@
+"""Model presets build, train a step, and report expert load; local directories load like presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strata.config import ModelConfig
+from strata.models.moe_stats import ExpertLoadRecorder, expert_load
+from strata.models.presets import PRESETS, build_model, count_parameters, preset_config
+
+SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_configs_are_moe_with_expected_sizes(name):
+    config = preset_config(name, vocab_size=32000 if name == "moe-1b" else 4096, special_ids=SPECIAL)
+    assert config.num_experts > config.num_experts_per_tok >= 2
+    assert config.router_aux_loss_coef > 0 and config.decoder_sparse_step == 1
+
+
+def test_preset_sizes():
+    tiny = count_parameters(build_model("tiny", 4096, SPECIAL))
+    assert 1e6 < tiny["total"] < 5e6 and tiny["active"] < tiny["total"]
+    with torch.device("meta"):  # the 1B preset, counted without allocating its weights
+        big = count_parameters(build_model("moe-1b", 32000, SPECIAL))
+    assert 0.9e9 < big["total"] < 1.2e9 and big["active"] < 0.3 * big["total"]
+
+
+def test_tiny_forward_backward_includes_load_balancing_loss():
+    model = build_model("tiny", 512, SPECIAL, seed=3)
+    ids = torch.randint(3, 512, (2, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert out.aux_loss is not None and len(out.router_logits) == model.config.num_hidden_layers
+    out.loss.backward()
+    router = model.model.layers[0].mlp.gate.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0  # the router learns
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_seeded_build_is_reproducible():
+    a, b = build_model("tiny", 512, SPECIAL, seed=5), build_model("tiny", 512, SPECIAL, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_expert_load_counts_every_routed_token():
+    logits = [torch.tensor([[5.0, 1.0, 0.0, 0.0], [5.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 5.0]])]
+    load = expert_load(logits, top_k=2)
+    assert load.tokens_per_expert.tolist() == [[2, 1, 2, 1]]
+    assert load.tokens_per_expert.sum() == 3 * 2
+    assert load.imbalance == pytest.approx(2 / 1.5)
+    uniform = expert_load([torch.zeros(10, 4)], top_k=1)
+    assert uniform.router_entropy.item() == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=1e-5)
+
+
+def test_recorder_sees_what_the_forward_pass_routes():
+    model = build_model("tiny", 512, SPECIAL).eval()
+    recorder = ExpertLoadRecorder(model)
+    ids = torch.randint(3, 512, (3, 10))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True)
+    expected = expert_load(out.router_logits, model.config.num_experts_per_tok)
+    assert torch.equal(recorder.total.tokens_per_expert, expected.tokens_per_expert)
+    assert recorder.total.tokens_per_expert.sum() == 3 * 10 * 2 * model.config.num_hidden_layers
+    recorder.remove()
+
+
+def test_local_model_directory_works_wherever_a_preset_does(tmp_path):
+    model = build_model("tiny", 512, SPECIAL, seed=2)
+    model.save_pretrained(tmp_path / "hf")
+    cfg = ModelConfig(name=str(tmp_path / "hf"))
+    loaded = build_model(cfg.name, 512, SPECIAL)
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="no config.json"):
+        ModelConfig(name=str(tmp_path))
+    assert ModelConfig(name="Qwen/Qwen3-30B-A3B").name == "Qwen/Qwen3-30B-A3B"  # a hub id passes through
