@@ -218,7 +218,8 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             message = "unknown key"
-        got = f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") else ""
+        shown = e["type"] not in ("extra_forbidden", "missing") and not isinstance(e["input"], (dict, list))
+        got = f" (got {e['input']!r})" if shown else ""
         lines.append(f"  {field}: {message}{got}")
     return "\n".join(lines)
 

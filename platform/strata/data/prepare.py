@@ -1,0 +1,41 @@
+"""Corpus -> tokenizer -> packed sequences for a DataConfig, each step skipped when already up to date."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from strata.config import DataConfig
+from strata.data.corpus import build_corpus
+from strata.data.packing import PackedManifest, pack_corpus
+from strata.data.tokenizer import train_tokenizer
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    corpus_dir: str
+    tokenizer_dir: str
+    packed_dir: str
+    packed: PackedManifest
+
+
+def prepare_data(cfg: DataConfig, console: Console | None = None) -> PreparedData:
+    console = console or Console(stderr=True)
+    root = cfg.root
+    with console.status(f"corpus from {cfg.source_dir}"):
+        corpus = build_corpus(
+            cfg.source_dir, root / "corpus", cfg.extensions, cfg.exclude_dirs, cfg.max_files, cfg.docs_per_shard
+        )
+    console.print(f"corpus: {corpus.num_docs} documents, {corpus.num_bytes / 1e6:.1f} MB -> {root / 'corpus'}")
+    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else root / "tokenizer"
+    if not cfg.tokenizer:
+        with console.status(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer"):
+            train_tokenizer(root / "corpus", tokenizer_dir, cfg.vocab_size)
+    console.print(f"tokenizer: {tokenizer_dir}")
+    packed_dir = root / f"packed-{cfg.seq_len}"
+    with console.status("tokenizing and packing"):
+        packed = pack_corpus(root / "corpus", tokenizer_dir, packed_dir, cfg.seq_len)
+    console.print(f"packed: {packed.num_sequences} sequences of {cfg.seq_len} tokens -> {packed_dir}")
+    return PreparedData(str(root / "corpus"), str(tokenizer_dir), str(packed_dir), packed)

@@ -1,0 +1,54 @@
+"""A byte-level BPE tokenizer trained locally with `tokenizers`, saved as a transformers tokenizer directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from strata.data.corpus import iter_texts
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
+
+# ChatML, as the Qwen family uses; fine-tuning renders prompt/response pairs and message lists through it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train on the corpus and save to `out_dir`; reuses an existing tokenizer there with the same vocab size."""
+    out_dir = Path(out_dir)
+    if (out_dir / "tokenizer.json").exists():
+        existing = load_tokenizer(out_dir)
+        if len(existing) == vocab_size:
+            return existing
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(iter_texts(corpus_dir), trainer=trainer)
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(out_dir)
+    return wrapped
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(str(path))
