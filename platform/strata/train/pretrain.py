@@ -68,8 +68,8 @@ def register_once(cfg: PretrainConfig, run, checkpoint_path: str, model_dir: Pat
     mlflow.set_tag(FINAL_CHECKPOINT_TAG, checkpoint_path)
     if version is None:
         return None
-    mlflow.set_tag(REGISTERED_VERSION_TAG, version.version)
-    return version.version
+    mlflow.set_tag(REGISTERED_VERSION_TAG, str(version.version))
+    return str(version.version)
 
 
 def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
