@@ -40,6 +40,8 @@ def main() -> int:
 
     console.rule("3/3 summary")
     table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
     table.add_row("pretraining loss", f"{result.first_loss:.3f} (step {cfg.tracking.log_every_steps}) -> "
                   f"{result.metrics['loss']:.3f} (step {result.metrics['step']})")
     table.add_row("expert imbalance (max/mean)", f"{result.metrics.get('expert_imbalance', float('nan')):.2f}")

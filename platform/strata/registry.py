@@ -11,10 +11,11 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
-from mlflow.models import Model
+from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
 
 HF_ARTIFACT = "hf_model"
+DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0}
 
 
 class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
@@ -27,10 +28,13 @@ class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.model = AutoModelForCausalLM.from_pretrained(directory).eval()
 
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        prompts = list(model_input)
-        max_new_tokens = int((params or {}).get("max_new_tokens", 32))
-        return [generate_text(self.model, self.tokenizer, p, max_new_tokens) for p in prompts]
+    def predict(self, context, model_input, params=None):
+        prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+        params = {**DEFAULT_PARAMS, **(params or {})}
+        return [
+            generate_text(self.model, self.tokenizer, p, int(params["max_new_tokens"]), float(params["temperature"]))
+            for p in prompts
+        ]
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0) -> str:
@@ -49,6 +53,7 @@ def log_model(hf_dir: str | Path, registered_name: str | None, tags: dict[str, s
         name="model",
         python_model=CausalLMPyfunc(),
         artifacts={HF_ARTIFACT: str(hf_dir)},
+        signature=infer_signature(["def main("], ["    pass"], params=DEFAULT_PARAMS),
         # Explicit requirements: inferring them would load the model in a subprocess.
         pip_requirements=["torch", "transformers", "tokenizers", "mlflow"],
     )
