@@ -46,3 +46,17 @@ def small_data(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     cfg = DataConfig(data_dir=str(data_dir), max_files=SMALL_CORPUS_FILES, vocab_size=1024, seq_len=64)
     return cfg, prepare_data(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(small_data, tmp_path_factory) -> Path:
+    """A freshly initialised `tiny` MoE with the small tokenizer, saved as a transformers directory."""
+    from strata.data.tokenizer import load_tokenizer
+    from strata.models.presets import build_model
+
+    tokenizer = load_tokenizer(small_data[1].tokenizer_dir)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    directory = tmp_path_factory.mktemp("tiny-base")
+    build_model("tiny", len(tokenizer), special, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

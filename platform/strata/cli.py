@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-from strata.config import ConfigError, PretrainConfig, load_config
+from strata.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
 
 console = Console(stderr=True)
 
@@ -45,6 +45,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result.registered_version:
         console.print(f"registered: models:/{cfg.tracking.registered_model}/{result.registered_version}")
     console.print(f"MLflow run: {result.run_id}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides, FinetuneConfig)
+    from strata.data.sft import BadRecordsError
+    from strata.runtime import init_ray
+    from strata.train.finetune import run_finetuning
+
+    started = time.perf_counter()
+    try:
+        init_ray()
+        result = run_finetuning(cfg, console)
+    except BadRecordsError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+    m = result.metrics
+    console.rule(f"fine-tuning {result.run_name}: done in {time.perf_counter() - started:.0f}s")
+    console.print(
+        f"eval loss: {result.first_eval_loss:.3f} (base) -> {m['eval_loss']:.3f}, perplexity {m['eval_perplexity']:.1f}"
+    )
+    for sample in result.samples:
+        console.print(f"[dim]{sample['prompt']!r}[/dim]\n  base:       {sample['base_output']!r}\n"
+                      f"  fine-tuned: {sample['finetuned_output']!r}", highlight=False)
+    if result.registered_version:
+        console.print(f"registered: models:/{cfg.tracking.registered_model}/{result.registered_version}")
+    console.print(f"MLflow run: {result.run_id} ({result.bad_records} bad records skipped)")
     return 0
 
 
@@ -85,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="pretrain an MoE model on Ray Train")
     add_config_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
+
+    finetune = sub.add_parser("finetune", help="LoRA, QLoRA or full fine-tuning on Ray Train")
+    add_config_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
 
     generate = sub.add_parser("generate", help="generate text from a registered model or a model directory")
     generate.add_argument("--model", required=True, help="models:/NAME@ALIAS, NAME/VERSION or a directory")

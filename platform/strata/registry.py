@@ -63,6 +63,27 @@ def log_model(hf_dir: str | Path, registered_name: str | None, tags: dict[str, s
     return version
 
 
+FINAL_CHECKPOINT_TAG = "strata.final_checkpoint"
+REGISTERED_VERSION_TAG = "strata.registered_version"
+
+
+def already_registered(run, checkpoint_path: str) -> bool:
+    return run.data.tags.get(FINAL_CHECKPOINT_TAG) == checkpoint_path
+
+
+def register_once(run, checkpoint_path: str, model_dir: str | Path, name: str | None, tags: dict[str, str]):
+    """Log and register a run's final model once per final checkpoint: re-running a finished run name
+    resumes at its last step, trains nothing, and must not add a duplicate version. Returns the version."""
+    if already_registered(run, checkpoint_path):
+        return run.data.tags.get(REGISTERED_VERSION_TAG)
+    version = log_model(model_dir, name, tags=tags)
+    mlflow.set_tag(FINAL_CHECKPOINT_TAG, checkpoint_path)
+    if version is None:
+        return None
+    mlflow.set_tag(REGISTERED_VERSION_TAG, str(version.version))
+    return str(version.version)
+
+
 def set_alias(name: str, alias: str, version: str | int) -> None:
     MlflowClient().set_registered_model_alias(name, alias, str(version))
 

@@ -20,10 +20,6 @@ from strata.data.prepare import prepare_data
 from strata.train.loop import MODEL_DIR, train_loop_per_worker
 
 
-FINAL_CHECKPOINT_TAG = "strata.final_checkpoint"
-REGISTERED_VERSION_TAG = "strata.registered_version"
-
-
 @dataclass(frozen=True)
 class PretrainResult:
     run_id: str
@@ -34,10 +30,11 @@ class PretrainResult:
     first_loss: float | None
 
 
-def make_trainer(cfg: PretrainConfig, loop_config: dict, callbacks: list) -> TorchTrainer:
+def make_trainer(cfg, loop_config: dict, callbacks: list, train_fn=train_loop_per_worker, run_name: str | None = None):
+    """A TorchTrainer for a pretraining or fine-tuning config (both have scaling and checkpoint sections)."""
     scaling = cfg.scaling
     return TorchTrainer(
-        train_loop_per_worker,
+        train_fn,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -46,30 +43,13 @@ def make_trainer(cfg: PretrainConfig, loop_config: dict, callbacks: list) -> Tor
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name,
+            name=run_name or cfg.run_name,
             storage_path=cfg.checkpoint.resolved_storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=3),
             callbacks=callbacks,
         ),
     )
-
-
-def register_once(cfg: PretrainConfig, run, checkpoint_path: str, model_dir: Path, tokenizer_dir: str) -> str | None:
-    """Log and register the final model, unless this run already did so for this same checkpoint
-    (re-running a finished run name resumes at its last step and trains nothing)."""
-    tags = run.data.tags if run.data else {}
-    if tags.get(FINAL_CHECKPOINT_TAG) == checkpoint_path:
-        return tags.get(REGISTERED_VERSION_TAG)
-    mlflow.log_artifacts(tokenizer_dir, "tokenizer")
-    version = registry.log_model(
-        model_dir, cfg.tracking.registered_model, tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name}
-    )
-    mlflow.set_tag(FINAL_CHECKPOINT_TAG, checkpoint_path)
-    if version is None:
-        return None
-    mlflow.set_tag(REGISTERED_VERSION_TAG, str(version.version))
-    return str(version.version)
 
 
 def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
@@ -89,7 +69,15 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
         model_dir = Path(result.checkpoint.to_directory()) / MODEL_DIR
-        version = register_once(cfg, run, result.checkpoint.path, model_dir, data.tokenizer_dir)
+        if not registry.already_registered(run, result.checkpoint.path):
+            mlflow.log_artifacts(data.tokenizer_dir, "tokenizer")
+        version = registry.register_once(
+            run,
+            result.checkpoint.path,
+            model_dir,
+            cfg.tracking.registered_model,
+            tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name},
+        )
     history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     first_loss = min(history, key=lambda m: m.step).value if history else None
     return PretrainResult(

@@ -1,0 +1,137 @@
+"""Fine-tuning methods as options of one path: full, LoRA (peft) and QLoRA (peft on a bitsandbytes NF4 base).
+
+QLoRA is LoRA with `quantize_base=True`: the frozen base's linear layers are loaded as 4-bit NF4 with double
+quantisation (compute in bf16 on GPU, fp32 on CPU). Qwen3-MoE keeps its experts as fused 3-D parameters,
+not nn.Linear, so bitsandbytes leaves them unquantised and LoRA reaches them through peft's
+`target_parameters` (e.g. `mlp.experts.gate_up_proj`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from strata.config import LoraSettings
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    directory: str  # a local transformers directory, or a hub id
+    tags: dict[str, str]  # what the fine-tuned version records about its base
+
+
+def resolve_base(spec: str) -> BaseModel:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME/latest` from the MLflow registry, a local directory, or a hub id."""
+    if not spec.startswith("models:/"):
+        return BaseModel(spec, {"base_model": spec})
+    from mlflow.tracking import MlflowClient
+
+    from strata.registry import download_model
+
+    name, _, ref = spec.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if ref:
+        version = client.get_model_version_by_alias(name, ref).version
+    else:
+        name, _, version = name.partition("/")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+        client.get_model_version(name, version)  # fails clearly if it does not exist
+    return BaseModel(str(download_model(f"models:/{name}/{version}")), {"base_model": name, "base_model_version": str(version)})
+
+
+def quantization_config(use_gpu: bool) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if use_gpu else torch.float32,
+    )
+
+
+def load_base(directory: str, method: str, device: torch.device) -> PreTrainedModel:
+    if method == "qlora":
+        quantization = quantization_config(device.type == "cuda")
+        return AutoModelForCausalLM.from_pretrained(
+            directory,
+            quantization_config=quantization,
+            dtype=quantization.bnb_4bit_compute_dtype,  # the unquantised rest (embeddings, experts, norms)
+            device_map={"": device},
+        )
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        target_parameters=settings.target_parameters or None,
+        use_rslora=settings.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainable_model(
+    directory: str,
+    method: str,
+    settings: LoraSettings,
+    device: torch.device,
+    gradient_checkpointing: bool = False,
+    adapter_dir: str | None = None,
+) -> PreTrainedModel:
+    """The model to train: the full model, or the frozen base with a (new or resumed) LoRA adapter."""
+    model = load_base(directory, method, device)
+    if method == "full":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if adapter_dir:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    return get_peft_model(model, lora_config(settings))
+
+
+def merged_model(directory: str, method: str, adapter_dir: str) -> PreTrainedModel:
+    """Base + adapter folded into plain weights; for QLoRA into the *dequantised* 4-bit base it trained on."""
+    cpu = torch.device("cpu")
+    base = load_base(directory, method, cpu)
+    if method == "qlora":
+        base = base.dequantize()
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config  # the export is a plain fp32 model
+    return merged.to(torch.float32)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights at full size
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def save_trained(model: torch.nn.Module, directory: Path, method: str) -> None:
+    """Checkpoint only what training changes: the adapter for LoRA/QLoRA, everything for full fine-tuning."""
+    model = getattr(model, "module", model)
+    model.save_pretrained(directory / (ADAPTER_DIR if method != "full" else "model"))

@@ -1,0 +1,124 @@
+"""Fine-tuning on Ray Train: resolve the base, validate the data, train, evaluate, export and register.
+
+The driver does everything that needs the whole picture (bad-record report, sample generations before and
+after, the merged export and its registry tags); workers run `finetune_loop_per_worker`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from rich.console import Console
+from transformers import AutoTokenizer
+
+from strata import registry, tracking
+from strata.config import FinetuneConfig, dump_config, flatten
+from strata.data.sft import load_sft_dataset
+from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, resolve_base, trainable_model
+from strata.registry import generate_text
+from strata.train.pretrain import make_trainer
+from strata.train.sft_loop import finetune_loop_per_worker
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_id: str
+    run_name: str
+    checkpoint_path: str
+    metrics: dict
+    registered_version: str | None
+    first_eval_loss: float | None
+    samples: list[dict]
+    bad_records: int
+
+
+def sample_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    return [generate_text(model.eval(), tokenizer, text, max_new_tokens) for text in rendered]
+
+
+def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneResult:
+    console = console or Console(stderr=True)
+    uri = tracking.use_store(cfg.tracking.tracking_uri)
+    base = resolve_base(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base.directory)
+    dataset = load_sft_dataset(cfg.data, tokenizer)  # bad records fail here, before any Ray work
+    console.print(
+        f"data: {len(dataset.train)} train / {len(dataset.eval)} eval examples from {dataset.source}"
+        f" ({len(dataset.bad)} bad records skipped)"
+    )
+    run_name = cfg.resolved_run_name
+    cpu = torch.device("cpu")
+    base_model = trainable_model(base.directory, "full", cfg.lora, cpu)
+    base_samples = sample_outputs(base_model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
+    del base_model
+
+    tags = {"strata.job": "finetune", "strata.method": cfg.method, "strata.dataset_hash": dataset.dataset_hash, **base.tags}
+    with tracking.start_run(cfg.tracking.experiment, run_name, flatten(cfg), tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_text(dump_config(cfg), "config.yaml")
+        mlflow.log_metric("bad_records", len(dataset.bad))
+        if dataset.bad:
+            mlflow.log_text("\n".join(map(str, dataset.bad)), "bad_records.txt")
+        console.print(f"MLflow run {run_id} ({run_name}) in {uri}")
+        loop_config = {
+            "config": cfg.model_dump(mode="json"),
+            "tracking_uri": uri,
+            "train": dataset.train,
+            "eval": dataset.eval,
+            "pad_id": tokenizer.pad_token_id,
+        }
+        trainer = make_trainer(
+            cfg, loop_config, [tracking.MlflowMetricsCallback(uri, run_id)], finetune_loop_per_worker, run_name
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {run_name} finished without a checkpoint")
+        ckpt_dir = Path(result.checkpoint.to_directory())
+
+        adapter_dir = ckpt_dir / ADAPTER_DIR
+        tuned = trainable_model(
+            str(ckpt_dir / "model") if cfg.method == "full" else base.directory,
+            cfg.method,
+            cfg.lora,
+            cpu,
+            adapter_dir=None if cfg.method == "full" else str(adapter_dir),
+        )
+        tuned_samples = sample_outputs(tuned, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
+        samples = [
+            {"prompt": p, "base_output": b, "finetuned_output": t}
+            for p, b, t in zip(cfg.sample_prompts, base_samples, tuned_samples)
+        ]
+        already = registry.already_registered(run, result.checkpoint.path)
+        if not already:
+            mlflow.log_params(parameter_counts(tuned))
+            if samples:
+                mlflow.log_table(
+                    {k: [s[k] for s in samples] for k in ("prompt", "base_output", "finetuned_output")}, "samples.json"
+                )
+            if cfg.method != "full":
+                mlflow.log_artifacts(str(adapter_dir), "adapter")
+        with tempfile.TemporaryDirectory() as export_dir:
+            if not already:
+                merged = merged_model(base.directory, cfg.method, str(adapter_dir)) if cfg.method != "full" else tuned
+                merged.save_pretrained(export_dir)
+                tokenizer.save_pretrained(export_dir)
+            version = registry.register_once(
+                run,
+                result.checkpoint.path,
+                export_dir,
+                cfg.tracking.registered_model,
+                tags={"strata.run_name": run_name, **tags},
+            )
+    history = mlflow.MlflowClient().get_metric_history(run_id, "eval_loss")
+    first_eval = min(history, key=lambda m: m.step).value if history else None
+    return FinetuneResult(
+        run_id, run_name, result.checkpoint.path, result.metrics, version, first_eval, samples, len(dataset.bad)
+    )

@@ -1,0 +1,134 @@
+"""The fine-tuning loop each Ray Train worker runs: full, LoRA or QLoRA over chat-formatted SFT examples.
+
+The same global-batch schedule as pretraining walks the examples; micro-batches are right-padded to their
+longest sample and the loss covers response tokens only. Checkpoints hold what training changes (the
+adapter, or the whole model for full fine-tuning), the optimizer, scheduler, step and data cursor.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from strata.config import FinetuneConfig
+from strata.data.packing import DataCursor, GlobalBatchSchedule
+from strata.data.sft import IGNORE_INDEX, SFTExample, collate
+from strata import tracking
+from strata.models.adapters import ADAPTER_DIR, resolve_base, save_trained, trainable_model
+from strata.train.loop import TRAIN_STATE, lr_lambda, make_optimizer, mean_across_ranks
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[SFTExample], rank: int, world_size: int, batch_size: int, pad_id: int, device):
+    """Mean loss over response tokens of this rank's share of the eval set, averaged across ranks."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
+    shard = examples[rank::world_size]
+    for i in range(0, len(shard), batch_size):
+        batch = {k: v.to(device) for k, v in collate(shard[i : i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += torch.stack([losses.double(), (labels != IGNORE_INDEX).sum().double()])
+    model.train()
+    total = mean_across_ranks(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def finetune_loop_per_worker(loop_config: dict) -> None:
+    cfg = FinetuneConfig.model_validate(loop_config["config"])
+    train: list[SFTExample] = loop_config["train"]
+    evaluation: list[SFTExample] = loop_config["eval"]
+    pad_id: int = loop_config["pad_id"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    checkpoint = ray.train.get_checkpoint()
+    state, resumed_dir = None, None
+    if checkpoint:
+        resumed_dir = checkpoint.to_directory()
+        state = torch.load(Path(resumed_dir) / TRAIN_STATE, weights_only=False)
+    tracking.use_store(loop_config["tracking_uri"])
+    base_dir = resolve_base(cfg.base_model).directory  # each worker fetches the base: nodes share no disk
+    if cfg.method == "full" and resumed_dir:
+        base_dir = str(Path(resumed_dir) / "model")
+    adapter_dir = str(Path(resumed_dir) / ADAPTER_DIR) if resumed_dir and cfg.method != "full" else None
+    model = trainable_model(base_dir, cfg.method, cfg.lora, device, cfg.gradient_checkpointing, adapter_dir)
+    # A 4-bit model is placed on its device at load time; moving it again is not supported.
+    model = ray.train.torch.prepare_model(model, move_to_device=cfg.method != "qlora")
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    step, cursor = 0, DataCursor()
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, cursor = state["step"], DataCursor(**state["cursor"])
+
+    schedule = GlobalBatchSchedule(len(train), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
+    grad_accum = cfg.grad_accum_steps
+    if step == 0:  # the base model's eval loss: the point every fine-tuning curve starts from
+        eval_loss = evaluate(model, evaluation, rank, world_size, cfg.optim.micro_batch_size, pad_id, device)
+        ray.train.report({"step": 0, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+    model.train()
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < cfg.optim.max_steps:
+        indices = schedule.next_indices(rank, world_size)
+        loss_sum = 0.0
+        for i in range(grad_accum):
+            chunk = indices[i * cfg.optim.micro_batch_size : (i + 1) * cfg.optim.micro_batch_size]
+            batch = {k: v.to(device) for k, v in collate([train[j] for j in chunk], pad_id).items()}
+            sync = i == grad_accum - 1 or world_size == 1
+            with nullcontext() if sync else model.no_sync():  # all-reduce once per step
+                out = model(**batch)
+                (out.loss / grad_accum).backward()
+            loss_sum += out.loss.item() / grad_accum
+            window_tokens += int(batch["attention_mask"].sum()) * world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.optim.max_steps
+        if not (checkpoint_due or step % cfg.tracking.log_every_steps == 0):
+            continue
+        metrics = {
+            "step": step,
+            "loss": mean_across_ranks(torch.tensor([loss_sum], device=device)).item(),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": window_tokens / (time.perf_counter() - window_start),
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+        if checkpoint_due:
+            eval_loss = evaluate(model, evaluation, rank, world_size, cfg.optim.micro_batch_size, pad_id, device)
+            metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_trained(model, Path(tmp), cfg.method)
+                    train_state = {"step": step, "cursor": schedule.cursor.state_dict()}
+                    train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                    torch.save(train_state, Path(tmp) / TRAIN_STATE)
+                ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        else:
+            ray.train.report(metrics)
+        window_start, window_tokens = time.perf_counter(), 0
+

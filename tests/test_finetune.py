@@ -1,0 +1,143 @@
+"""LoRA, QLoRA and full fine-tuning: only the adapter trains, merges are faithful, Ray runs learn and register."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors import safe_open
+
+from strata import registry, tracking
+from strata.config import FinetuneConfig, LoraSettings
+from strata.models.adapters import ADAPTER_DIR, merged_model, save_trained, trainable_model
+from strata.train.finetune import run_finetuning
+from strata.train.loop import make_optimizer
+from strata.config import OptimConfig
+
+CPU = torch.device("cpu")
+RECORDS = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}\n"} for i in range(240)]
+
+
+def train_steps(model, steps: int = 3, lr: float = 1e-2) -> None:
+    model.train()
+    optimizer = make_optimizer(model, OptimConfig(lr=lr, warmup_steps=0, max_steps=10))
+    ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_only_adapter_parameters_change(tiny_base, method):
+    settings = LoraSettings(rank=4, dropout=0, target_parameters=["mlp.experts.gate_up_proj"])
+    model = trainable_model(str(tiny_base), method, settings, CPU)
+    # state_dict() is the canonical form of 4-bit weights (bitsandbytes may repack them for CPU kernels).
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model)
+    after = model.state_dict()
+    base_keys = [k for k in before if "lora_" not in k]
+    lora_b = [k for k in before if "lora_B" in k]
+    assert base_keys and lora_b
+    assert all(torch.equal(before[k], after[k]) for k in base_keys), "a frozen base weight changed"
+    assert all(not torch.equal(before[k], after[k]) for k in lora_b), "an adapter did not train"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merged_model_matches_base_plus_adapter(tiny_base, tmp_path, method):
+    model = trainable_model(str(tiny_base), method, LoraSettings(rank=4, dropout=0), CPU)
+    train_steps(model, lr=3e-3)
+    save_trained(model, tmp_path, method)
+    ids = torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        got = merged_model(str(tiny_base), method, str(tmp_path / ADAPTER_DIR)).eval()(input_ids=ids).logits
+    if method == "lora":
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    else:
+        # CPU 4-bit kernels compute in bf16, and a tiny difference can flip a token's top-k expert choice,
+        # so QLoRA is held to agreement on the whole, not per element.
+        assert (got - expected).abs().median() < 0.02
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_checkpoint_holds_the_adapter_only(tiny_base, tmp_path):
+    model = trainable_model(str(tiny_base), "lora", LoraSettings(rank=4), CPU)
+    save_trained(model, tmp_path, "lora")
+    with safe_open(tmp_path / ADAPTER_DIR / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
+
+
+def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int, **extra) -> FinetuneConfig:
+    return FinetuneConfig.model_validate(
+        {
+            "base_model": base_uri,
+            "method": method,
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"train_file": str(train_file), "eval_fraction": 0.15, "max_seq_len": 64},
+            "optim": {"lr": 1e-2, "warmup_steps": 2, "max_steps": max_steps, "micro_batch_size": 4, "global_batch_size": 8},
+            "checkpoint": {"every_steps": 10, "keep_last": 2},
+            "scaling": {"num_workers": 2},
+            "tracking": {"experiment": "ft-test", "registered_model": "strata-test-sft", "log_every_steps": 5},
+            "sample_prompts": ["Write function number 7"],
+            "max_new_tokens": 8,
+            **extra,
+        }
+    )
+
+
+@pytest.fixture
+def registered_base(strata_home, tiny_base):
+    tracking.use_store()
+    with tracking.start_run("bases", "tiny-base", {}):
+        version = registry.log_model(tiny_base, "strata-test-base")
+    registry.set_alias("strata-test-base", "stable", version.version)
+    return "models:/strata-test-base@stable"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registered_base, strata_home, method):
+    train_file = strata_home / "sft.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + '{"prompt": "broken"}\n')
+    cfg = finetune_config(registered_base, method, train_file, max_steps=20)
+    result = run_finetuning(cfg)
+
+    assert result.run_name == f"{method}-r8-lr1e-2-sft"
+    assert result.bad_records == 1
+    assert result.metrics["eval_loss"] < result.first_eval_loss - 0.5, (result.first_eval_loss, result.metrics)
+    client = MlflowClient(tracking.tracking_uri())
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"):
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [5, 10, 15, 20], key
+    assert [m.step for m in client.get_metric_history(result.run_id, "eval_loss")] == [0, 10, 20]
+    run = client.get_run(result.run_id)
+    assert int(run.data.params["trainable_params"]) < 0.02 * int(run.data.params["total_params"])
+    assert run.data.metrics["bad_records"] == 1
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "samples.json", "adapter", "bad_records.txt"} <= artifacts
+
+    checkpoint = Path(result.checkpoint_path)
+    assert (checkpoint / ADAPTER_DIR / "adapter_model.safetensors").exists()
+    assert not (checkpoint / "model").exists()  # the frozen base is not checkpointed
+
+    version = client.get_model_version("strata-test-sft", result.registered_version)
+    assert version.tags["base_model"] == "strata-test-base" and version.tags["base_model_version"] == "1"
+    assert version.tags["strata.method"] == method and len(version.tags["strata.dataset_hash"]) == 16
+    merged_dir = registry.download_model(f"models:/strata-test-sft/{result.registered_version}")
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain, dequantised model anyone can load
+
+
+@pytest.mark.slow
+def test_finetuning_resumes_by_run_name(ray_session, registered_base, strata_home):
+    train_file = strata_home / "sft.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    first = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=10, run_name="resume-me"))
+    second = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=20, run_name="resume-me"))
+    assert second.run_id == first.run_id
+    steps = [m.step for m in MlflowClient(tracking.tracking_uri()).get_metric_history(first.run_id, "loss")]
+    assert sorted(steps) == [5, 10, 15, 20]  # steps 1-10 were not trained again

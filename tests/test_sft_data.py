@@ -1,0 +1,117 @@
+"""Supervised fine-tuning data: both record formats, prompt masking, packing, and bad records by file:line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from strata.config import SFTDataConfig
+from strata.data.sft import IGNORE_INDEX, BadRecordsError, collate, load_sft_dataset, pack
+from strata.data.tokenizer import load_tokenizer
+
+GOOD = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}\n"} for i in range(40)]
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_data):
+    return load_tokenizer(small_data[1].tokenizer_dir)
+
+
+def test_prompt_tokens_are_masked_and_response_is_learned(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    ds = load_sft_dataset(SFTDataConfig(train_file=str(path), eval_fraction=0.2), tokenizer)
+    assert len(ds.train) + len(ds.eval) == 40 and ds.eval and not ds.bad
+    example = ds.train[0]
+    first_learned = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    prompt = tokenizer.decode(example.input_ids[:first_learned])
+    assert prompt.startswith("<|im_start|>user\nWrite function number") and prompt.endswith("<|im_start|>assistant\n")
+    learned = tokenizer.decode(example.labels[first_learned:])
+    assert learned.startswith("def f") and learned.endswith("<|im_end|>\n")  # the model learns to stop
+
+
+def test_messages_records_and_parquet_files(tmp_path, tokenizer):
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q{i}"},
+                      {"role": "assistant", "content": f"A{i}"}]}
+        for i in range(30)
+    ]
+    path = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    ds = load_sft_dataset(SFTDataConfig(train_file=str(path), eval_fraction=0.3), tokenizer)
+    assert len(ds.train) + len(ds.eval) == 30 and not ds.bad
+    text = tokenizer.decode(ds.train[0].input_ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ")
+
+
+def test_split_is_stable_and_hash_names_the_data(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    a = load_sft_dataset(SFTDataConfig(train_file=str(path)), tokenizer)
+    reversed_path = write_jsonl(tmp_path / "r.jsonl", list(reversed(GOOD)))
+    b = load_sft_dataset(SFTDataConfig(train_file=str(reversed_path)), tokenizer)
+    as_set = lambda xs: sorted(tuple(x.input_ids) for x in xs)  # noqa: E731
+    assert as_set(a.eval) == as_set(b.eval)
+    assert a.dataset_hash != b.dataset_hash
+
+
+def test_bad_records_are_reported_by_file_and_line_then_skipped_or_fatal(tmp_path, tokenizer):
+    lines = [
+        GOOD[0],
+        "{not json",
+        {"prompt": "no response here"},
+        {"prompt": "empty", "response": "   "},
+        {"prompt": "long", "response": "x = 1\n" * 400},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        *GOOD[1:30],
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    ds = load_sft_dataset(SFTDataConfig(train_file=str(path), max_seq_len=128), tokenizer)
+    assert [(b.line, b.reason.split(" (")[0]) for b in ds.bad] == [
+        (2, "not valid JSON"),
+        (3, "missing field 'response'"),
+        (4, "empty response"),
+        (5, ds.bad[3].reason),
+        (6, "the last message must be the assistant's response"),
+    ]
+    assert "over max_seq_len 128" in ds.bad[3].reason
+    assert str(ds.bad[0]).startswith(f"{path}:2: ")
+    assert len(ds.train) + len(ds.eval) == 30  # every good record kept
+
+    with pytest.raises(BadRecordsError) as err:
+        load_sft_dataset(SFTDataConfig(train_file=str(path), max_seq_len=128, on_bad_record="error"), tokenizer)
+    assert f"{path}:3: missing field 'response'" in str(err.value) and "5 bad record(s)" in str(err.value)
+
+
+def test_packing_keeps_per_sample_masks_and_fits_max_len(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    plain = load_sft_dataset(SFTDataConfig(train_file=str(path), max_seq_len=64), tokenizer)
+    packed = pack(plain.train, 64)
+    assert len(packed) < len(plain.train)
+    assert all(len(p.input_ids) <= 64 for p in packed)
+    learned = lambda xs: sum(sum(label != IGNORE_INDEX for label in x.labels) for x in xs)  # noqa: E731
+    assert learned(packed) == learned(plain.train)
+
+
+def test_collate_pads_right_and_masks_padding(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    ds = load_sft_dataset(SFTDataConfig(train_file=str(path)), tokenizer)
+    batch = collate(ds.train[:3], tokenizer.pad_token_id)
+    lengths = [len(e.input_ids) for e in ds.train[:3]]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_missing_or_wrong_data_file_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        SFTDataConfig(train_file=str(tmp_path / "nope.jsonl"))
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"\.jsonl or \.parquet"):
+        SFTDataConfig(train_file=str(tmp_path / "d.csv"))
