@@ -1,6 +1,7 @@
 """`make demo`: the whole pipeline on a local Ray and a local MLflow store, in a few minutes on 2 CPUs.
 
-corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers -> register it in MLflow -> generate.
+corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers -> register it in MLflow -> generate
+-> QLoRA fine-tune of that version on docstring -> function pairs -> register the merged model.
 """
 
 import sys
@@ -15,8 +16,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from strata import tracking  # noqa: E402
-from strata.config import load_config  # noqa: E402
+from strata.config import FinetuneConfig, load_config  # noqa: E402
 from strata.runtime import init_ray  # noqa: E402
+from strata.train.finetune import run_finetuning  # noqa: E402
 from strata.train.pretrain import run_pretraining  # noqa: E402
 
 PROMPTS = ["def __init__(self", "import os\n", "class Parser:\n    def"]
@@ -28,25 +30,47 @@ def main() -> int:
     run_name = time.strftime("pretrain-tiny-demo-%Y%m%d-%H%M%S")
     cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", [f"run_name={run_name}"])
 
-    console.rule("1/3 pretraining the tiny MoE on 2 Ray Train workers")
+    console.rule("1/4 pretraining the tiny MoE on 2 Ray Train workers")
     init_ray()
     result = run_pretraining(cfg, console)
 
-    console.rule("2/3 generating from the registered model")
+    console.rule("2/4 generating from the registered model")
     model_uri = f"models:/{cfg.tracking.registered_model}/{result.registered_version}"
     model = mlflow.pyfunc.load_model(model_uri)
-    for prompt, text in zip(PROMPTS, model.predict(PROMPTS, params={"max_new_tokens": 32})):
+    for prompt, text in zip(PROMPTS, model.predict(PROMPTS, params={"max_new_tokens": 32}), strict=False):
         console.print(f"[dim]{prompt!r}[/dim] -> {text!r}", highlight=False)
 
-    console.rule("3/3 summary")
+    console.rule("3/4 QLoRA fine-tuning of the registered model")
+    stamp = run_name.removeprefix("pretrain-tiny-demo-")
+    ft_cfg = load_config(ROOT / "configs/finetune-qlora-tiny.yaml", [f"base_model={model_uri}"], FinetuneConfig)
+    ft_cfg = ft_cfg.model_copy(update={"run_name": f"{ft_cfg.resolved_run_name}-{stamp}"})
+    tuned = run_finetuning(ft_cfg, console)
+    for sample in tuned.samples:
+        console.print(f"[dim]{sample['prompt']}[/dim]", highlight=False)
+        console.print(f"  base:       {sample['base_output']!r}", highlight=False)
+        console.print(f"  fine-tuned: {sample['finetuned_output']!r}", highlight=False)
+
+    console.rule("4/4 summary")
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    table.add_row("pretraining loss", f"{result.first_loss:.3f} (step {cfg.tracking.log_every_steps}) -> "
-                  f"{result.metrics['loss']:.3f} (step {result.metrics['step']})")
+    table.add_row(
+        "pretraining loss",
+        f"{result.first_loss:.3f} (step {cfg.tracking.log_every_steps}) -> "
+        f"{result.metrics['loss']:.3f} (step {result.metrics['step']})",
+    )
     table.add_row("expert imbalance (max/mean)", f"{result.metrics.get('expert_imbalance', float('nan')):.2f}")
     table.add_row("checkpoint", result.checkpoint_path)
     table.add_row("registered model", model_uri)
+    table.add_row(
+        "QLoRA eval loss",
+        f"{tuned.first_eval_loss:.3f} (base) -> {tuned.metrics['eval_loss']:.3f} "
+        f"(perplexity {tuned.metrics['eval_perplexity']:.1f}) after {tuned.metrics['step']} steps",
+    )
+    table.add_row(
+        "fine-tuned model",
+        f"models:/{ft_cfg.tracking.registered_model}/{tuned.registered_version}  (run {tuned.run_name})",
+    )
     table.add_row("MLflow store", tracking.tracking_uri())
     table.add_row("open the UI", "make ui   (or: .venv/bin/strata ui), then http://127.0.0.1:5000")
     table.add_row("wall time", f"{time.perf_counter() - started:.0f}s")

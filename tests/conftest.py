@@ -55,7 +55,11 @@ def tiny_base(small_data, tmp_path_factory) -> Path:
     from strata.models.presets import build_model
 
     tokenizer = load_tokenizer(small_data[1].tokenizer_dir)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     directory = tmp_path_factory.mktemp("tiny-base")
     build_model("tiny", len(tokenizer), special, seed=0).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

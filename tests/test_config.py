@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from strata.cli import main
-from strata.config import ConfigError, PretrainConfig, flatten, load_config
+from strata.config import ConfigError, FinetuneConfig, PretrainConfig, flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain-tiny.yaml"
@@ -26,10 +26,26 @@ def base_tree() -> dict:
     return yaml.safe_load(TINY.read_text())
 
 
-@pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("pretrain-*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(config_file):
-    cfg = load_config(config_file)
+    schema = FinetuneConfig if config_file.name.startswith("finetune") else PretrainConfig
+    cfg = load_config(config_file, schema=schema)
     assert cfg.grad_accum_steps >= 1
+
+
+def test_finetune_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("base_model: ./no-such-model\nmethod: qlora\n")
+    with pytest.raises(ConfigError, match=r"base_model: .*neither a preset"):
+        load_config(path, schema=FinetuneConfig)
+    path.write_text("base_model: tiny\nmethod: dora\n")
+    with pytest.raises(ConfigError, match=r"method: Input should be 'full', 'lora' or 'qlora'"):
+        load_config(path, schema=FinetuneConfig)
+    path.write_text("base_model: tiny\nlora: {target_parameters: [mlp.experts.down_proj], dropout: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"lora: dropout must be 0 with target_parameters"):
+        load_config(path, schema=FinetuneConfig)
+    derived = load_config(path, ["lora.dropout=0", "optim.lr=2e-4", "lora.rank=16", "method=qlora"], FinetuneConfig)
+    assert derived.resolved_run_name == "qlora-r16-lr2e-4-stdlib-docstrings"
 
 
 def test_overrides_apply_dotted_keys_with_yaml_types():
@@ -86,7 +102,14 @@ def test_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys):
 
 def test_job_entrypoint_exits_nonzero_with_field_in_message(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(TINY), "--set", "scaling.num_workers=0"],
+        [
+            sys.executable,
+            str(ROOT / "jobs/pretrain.py"),
+            "--config",
+            str(TINY),
+            "--set",
+            "scaling.num_workers=0",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -82,7 +82,10 @@ def test_schedule_covers_each_epoch_once_and_splits_global_batches_across_ranks(
     schedule = GlobalBatchSchedule(num_sequences=20, global_batch=4, seed=1)
     seen = []
     for _ in range(5):  # 5 x 4 = one epoch
-        parts = [GlobalBatchSchedule(20, 4, 1, DataCursor(**schedule.cursor.state_dict())).next_indices(r, 2) for r in range(2)]
+        parts = [
+            GlobalBatchSchedule(20, 4, 1, DataCursor(**schedule.cursor.state_dict())).next_indices(r, 2)
+            for r in range(2)
+        ]
         whole = schedule.next_indices(0, 1)
         np.testing.assert_array_equal(np.concatenate(parts), whole)  # ranks split the same global batch
         seen.extend(whole)
@@ -99,5 +102,5 @@ def test_schedule_resumed_from_cursor_continues_exactly():
     got = [first.next_indices(0, 1) for _ in range(11)]
     resumed = GlobalBatchSchedule(100, 8, seed=7, cursor=DataCursor(**first.cursor.state_dict()))
     got += [resumed.next_indices(0, 1) for _ in range(19)]
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=False):
         np.testing.assert_array_equal(a, b)

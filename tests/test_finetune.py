@@ -11,11 +11,10 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from strata import registry, tracking
-from strata.config import FinetuneConfig, LoraSettings
+from strata.config import FinetuneConfig, LoraSettings, OptimConfig
 from strata.models.adapters import ADAPTER_DIR, merged_model, save_trained, trainable_model
 from strata.train.finetune import run_finetuning
 from strata.train.loop import make_optimizer
-from strata.config import OptimConfig
 
 CPU = torch.device("cpu")
 RECORDS = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}\n"} for i in range(240)]
@@ -79,10 +78,20 @@ def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int
             "method": method,
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
             "data": {"train_file": str(train_file), "eval_fraction": 0.15, "max_seq_len": 64},
-            "optim": {"lr": 1e-2, "warmup_steps": 2, "max_steps": max_steps, "micro_batch_size": 4, "global_batch_size": 8},
+            "optim": {
+                "lr": 1e-2,
+                "warmup_steps": 2,
+                "max_steps": max_steps,
+                "micro_batch_size": 4,
+                "global_batch_size": 8,
+            },
             "checkpoint": {"every_steps": 10, "keep_last": 2},
             "scaling": {"num_workers": 2},
-            "tracking": {"experiment": "ft-test", "registered_model": "strata-test-sft", "log_every_steps": 5},
+            "tracking": {
+                "experiment": "ft-test",
+                "registered_model": "strata-test-sft",
+                "log_every_steps": 5,
+            },
             "sample_prompts": ["Write function number 7"],
             "max_new_tokens": 8,
             **extra,
@@ -109,7 +118,10 @@ def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registere
 
     assert result.run_name == f"{method}-r8-lr1e-2-sft"
     assert result.bad_records == 1
-    assert result.metrics["eval_loss"] < result.first_eval_loss - 0.5, (result.first_eval_loss, result.metrics)
+    assert result.metrics["eval_loss"] < result.first_eval_loss - 0.5, (
+        result.first_eval_loss,
+        result.metrics,
+    )
     client = MlflowClient(tracking.tracking_uri())
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"):
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [5, 10, 15, 20], key

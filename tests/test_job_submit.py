@@ -41,15 +41,30 @@ def head_node():
     }
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+            request = urllib.request.Request(
+                f"{url}/api/version", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+            )
             urllib.request.urlopen(request, timeout=2)
             break
         except Exception:
@@ -76,19 +91,44 @@ def test_pretrain_job_submitted_from_a_clean_checkout_succeeds(head_node, tmp_pa
         shutil.copytree(ROOT / path, checkout / path, ignore=shutil.ignore_patterns("__pycache__"))
     home = tmp_path / "home"
     submit = subprocess.run(
-        [RAY, "job", "submit", "--address", url, "--working-dir", ".",
-         "--runtime-env-json", json.dumps({"env_vars": {"STRATA_HOME": str(home)}}), "--",
-         "python", "jobs/pretrain.py", "--config", "configs/pretrain-tiny.yaml",
-         "--set", "data.max_files=150", "--set", "optim.max_steps=20", "--set", "optim.warmup_steps=5",
-         "--set", "checkpoint.every_steps=10",
-         "--set", "tracking.log_every_steps=5"],
-        cwd=checkout, env=env, capture_output=True, text=True, timeout=600,
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"STRATA_HOME": str(home)}}),
+            "--",
+            "python",
+            "jobs/pretrain.py",
+            "--config",
+            "configs/pretrain-tiny.yaml",
+            "--set",
+            "data.max_files=150",
+            "--set",
+            "optim.max_steps=20",
+            "--set",
+            "optim.warmup_steps=5",
+            "--set",
+            "checkpoint.every_steps=10",
+            "--set",
+            "tracking.log_every_steps=5",
+        ],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     logs = submit.stdout + submit.stderr
     assert submit.returncode == 0, logs[-4000:]
     assert "succeeded" in logs.lower()
     assert "registered: models:/strata-tiny/1" in logs
     assert sorted(p.name for p in (home / "runs" / "pretrain-tiny").glob("checkpoint_0*")) == [
-        "checkpoint_0000010", "checkpoint_0000020"
+        "checkpoint_0000010",
+        "checkpoint_0000020",
     ]
     assert (home / "mlruns" / "mlflow.db").exists()

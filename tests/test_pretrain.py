@@ -22,10 +22,20 @@ def small_config(data_cfg, max_steps: int) -> PretrainConfig:
             "run_name": "pretrain-test",
             "model": {"name": "tiny"},
             "data": data_cfg.model_dump(),
-            "optim": {"lr": 3e-3, "warmup_steps": 3, "max_steps": max_steps, "micro_batch_size": 4, "global_batch_size": 16},
+            "optim": {
+                "lr": 3e-3,
+                "warmup_steps": 3,
+                "max_steps": max_steps,
+                "micro_batch_size": 4,
+                "global_batch_size": 16,
+            },
             "checkpoint": {"every_steps": 10, "keep_last": 2, "storage_path": "runs"},
             "scaling": {"num_workers": 2},
-            "tracking": {"experiment": "pretrain-test", "registered_model": "strata-test", "log_every_steps": 5},
+            "tracking": {
+                "experiment": "pretrain-test",
+                "registered_model": "strata-test",
+                "log_every_steps": 5,
+            },
         }
     )
 
@@ -36,7 +46,10 @@ def test_pretraining_checkpoints_tracks_registers_and_resumes(ray_session, strat
 
     # Checkpoints: every 10 steps into the run's storage path, only the last `keep_last` kept.
     run_dir = strata_home / "runs" / "pretrain-test"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000020", "checkpoint_0000030"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_0000020",
+        "checkpoint_0000030",
+    ]
     latest = run_dir / "checkpoint_0000030"
     assert (latest / TRAIN_STATE).exists() and (latest / MODEL_DIR / "config.json").exists()
     assert "max_steps: 30" in (latest / "config.yaml").read_text()
@@ -60,7 +73,10 @@ def test_pretraining_checkpoints_tracks_registers_and_resumes(ray_session, strat
     steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
     assert Counter(steps) == Counter([5, 10, 15, 20, 25, 30, 35, 40])
     assert resumed.metrics["step"] == 40
-    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000030", "checkpoint_0000040"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_0000030",
+        "checkpoint_0000040",
+    ]
     assert int(resumed.registered_version) == int(result.registered_version) + 1
 
     # Re-running a finished run trains nothing and registers nothing new.

@@ -39,8 +39,13 @@ def test_prompt_tokens_are_masked_and_response_is_learned(tmp_path, tokenizer):
 
 def test_messages_records_and_parquet_files(tmp_path, tokenizer):
     records = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q{i}"},
-                      {"role": "assistant", "content": f"A{i}"}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Q{i}"},
+                {"role": "assistant", "content": f"A{i}"},
+            ]
+        }
         for i in range(30)
     ]
     path = tmp_path / "chat.parquet"

@@ -40,7 +40,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     m = result.metrics
     console.rule(f"pretraining {cfg.run_name}: done in {time.perf_counter() - started:.0f}s")
     if result.first_loss is not None:
-        console.print(f"loss: first {result.first_loss:.3f} -> last {m.get('loss', float('nan')):.3f} (step {m.get('step')})")
+        console.print(
+            f"loss: first {result.first_loss:.3f} -> last {m.get('loss', float('nan')):.3f} (step {m.get('step')})"
+        )
     console.print(f"checkpoint: {result.checkpoint_path}")
     if result.registered_version:
         console.print(f"registered: models:/{cfg.tracking.registered_model}/{result.registered_version}")
@@ -67,8 +69,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"eval loss: {result.first_eval_loss:.3f} (base) -> {m['eval_loss']:.3f}, perplexity {m['eval_perplexity']:.1f}"
     )
     for sample in result.samples:
-        console.print(f"[dim]{sample['prompt']!r}[/dim]\n  base:       {sample['base_output']!r}\n"
-                      f"  fine-tuned: {sample['finetuned_output']!r}", highlight=False)
+        console.print(
+            f"[dim]{sample['prompt']!r}[/dim]\n  base:       {sample['base_output']!r}\n"
+            f"  fine-tuned: {sample['finetuned_output']!r}",
+            highlight=False,
+        )
     if result.registered_version:
         console.print(f"registered: models:/{cfg.tracking.registered_model}/{result.registered_version}")
     console.print(f"MLflow run: {result.run_id} ({result.bad_records} bad records skipped)")

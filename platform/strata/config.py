@@ -31,6 +31,23 @@ def stdlib_source_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
+def validate_model_name(name: str) -> str:
+    """A preset name, an existing transformers directory (made absolute) or a hub id; else a ValueError."""
+    from strata.models.presets import PRESETS
+
+    if name in PRESETS:
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is a directory but has no config.json (not a transformers model)")
+        return str(path.resolve())
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_like_path:
+        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model directory")
+    return name  # a hub id such as "Qwen/Qwen3-30B-A3B", loaded with from_pretrained
+
+
 class ModelConfig(StrictModel):
     name: str = Field("tiny", description="A preset (tiny, small, moe-1b), a local HF directory or a hub id.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Extra transformers config fields.")
@@ -38,19 +55,7 @@ class ModelConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from strata.models.presets import PRESETS
-
-        if name in PRESETS:
-            return name
-        path = Path(name).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").exists():
-                raise ValueError(f"{path} is a directory but has no config.json (not a transformers model)")
-            return str(path.resolve())
-        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
-        if looks_like_path:
-            raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model directory")
-        return name  # a hub id such as "Qwen/Qwen3-30B-A3B", loaded with from_pretrained
+        return validate_model_name(name)
 
 
 class DataConfig(StrictModel):
@@ -131,9 +136,7 @@ class ScalingConfig(StrictModel):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
-    )
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
 
     @property
     def autocast_bf16(self) -> bool:
@@ -244,7 +247,6 @@ def flatten(config: StrictModel) -> dict[str, Any]:
     return flat
 
 
-
 # --- fine-tuning -------------------------------------------------------------------------------------------
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -323,7 +325,7 @@ class FinetuneConfig(StrictModel):
     def _base_exists(cls, base_model: str) -> str:
         if base_model.startswith("models:/"):
             return base_model
-        return ModelConfig(name=base_model).name
+        return validate_model_name(base_model)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> FinetuneConfig:

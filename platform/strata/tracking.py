@@ -66,7 +66,9 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     existing = find_run(experiment_id, run_name)
     if existing:
         return mlflow.start_run(run_id=existing)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})}
+    )
     client = MlflowClient()
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):

@@ -26,7 +26,12 @@ def prepare_data(cfg: DataConfig, console: Console | None = None) -> PreparedDat
     root = cfg.root
     with console.status(f"corpus from {cfg.source_dir}"):
         corpus = build_corpus(
-            cfg.source_dir, root / "corpus", cfg.extensions, cfg.exclude_dirs, cfg.max_files, cfg.docs_per_shard
+            cfg.source_dir,
+            root / "corpus",
+            cfg.extensions,
+            cfg.exclude_dirs,
+            cfg.max_files,
+            cfg.docs_per_shard,
         )
     console.print(f"corpus: {corpus.num_docs} documents, {corpus.num_bytes / 1e6:.1f} MB -> {root / 'corpus'}")
     tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else root / "tokenizer"

@@ -88,7 +88,10 @@ def to_messages(record: dict) -> list[dict]:
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
                 raise ValueError(f"missing field {key!r}" if key not in record else f"field {key!r} is not a string")
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        messages = [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
         if isinstance(record.get("system"), str):
             messages.insert(0, {"role": "system", "content": record["system"]})
     if not messages[-1]["content"].strip():
@@ -161,7 +164,11 @@ def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = ex.input_ids, ex.labels, 1
-    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "attention_mask": torch.from_numpy(mask)}
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(mask),
+    }
 
 
 # --- the built-in demo dataset: docstring -> function, from the standard library ---------------------------

@@ -42,7 +42,11 @@ def train_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_size: int
     tokenizer.train_from_iterator(iter_texts(corpus_dir), trainer=trainer)
 
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
     )
     wrapped.chat_template = CHAT_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ class BaseModel:
 
 
 def resolve_base(spec: str) -> BaseModel:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME/latest` from the MLflow registry, a local directory, or a hub id."""
+    """A base from the MLflow registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest`),
+    a local directory, or a hub id."""
     if not spec.startswith("models:/"):
         return BaseModel(spec, {"base_model": spec})
     from mlflow.tracking import MlflowClient
@@ -46,7 +47,10 @@ def resolve_base(spec: str) -> BaseModel:
                 raise ValueError(f"registered model {name!r} has no versions")
             version = str(max(int(v.version) for v in versions))
         client.get_model_version(name, version)  # fails clearly if it does not exist
-    return BaseModel(str(download_model(f"models:/{name}/{version}")), {"base_model": name, "base_model_version": str(version)})
+    return BaseModel(
+        str(download_model(f"models:/{name}/{version}")),
+        {"base_model": name, "base_model_version": str(version)},
+    )
 
 
 def quantization_config(use_gpu: bool) -> BitsAndBytesConfig:

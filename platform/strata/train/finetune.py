@@ -60,7 +60,12 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
     base_samples = sample_outputs(base_model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
     del base_model
 
-    tags = {"strata.job": "finetune", "strata.method": cfg.method, "strata.dataset_hash": dataset.dataset_hash, **base.tags}
+    tags = {
+        "strata.job": "finetune",
+        "strata.method": cfg.method,
+        "strata.dataset_hash": dataset.dataset_hash,
+        **base.tags,
+    }
     with tracking.start_run(cfg.tracking.experiment, run_name, flatten(cfg), tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
@@ -76,7 +81,11 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
             "pad_id": tokenizer.pad_token_id,
         }
         trainer = make_trainer(
-            cfg, loop_config, [tracking.MlflowMetricsCallback(uri, run_id)], finetune_loop_per_worker, run_name
+            cfg,
+            loop_config,
+            [tracking.MlflowMetricsCallback(uri, run_id)],
+            finetune_loop_per_worker,
+            run_name,
         )
         result = trainer.fit()
         if result.checkpoint is None:
@@ -94,14 +103,15 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         tuned_samples = sample_outputs(tuned, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
         samples = [
             {"prompt": p, "base_output": b, "finetuned_output": t}
-            for p, b, t in zip(cfg.sample_prompts, base_samples, tuned_samples)
+            for p, b, t in zip(cfg.sample_prompts, base_samples, tuned_samples, strict=False)
         ]
         already = registry.already_registered(run, result.checkpoint.path)
         if not already:
             mlflow.log_params(parameter_counts(tuned))
             if samples:
                 mlflow.log_table(
-                    {k: [s[k] for s in samples] for k in ("prompt", "base_output", "finetuned_output")}, "samples.json"
+                    {k: [s[k] for s in samples] for k in ("prompt", "base_output", "finetuned_output")},
+                    "samples.json",
                 )
             if cfg.method != "full":
                 mlflow.log_artifacts(str(adapter_dir), "adapter")
@@ -120,5 +130,12 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
     history = mlflow.MlflowClient().get_metric_history(run_id, "eval_loss")
     first_eval = min(history, key=lambda m: m.step).value if history else None
     return FinetuneResult(
-        run_id, run_name, result.checkpoint.path, result.metrics, version, first_eval, samples, len(dataset.bad)
+        run_id,
+        run_name,
+        result.checkpoint.path,
+        result.metrics,
+        version,
+        first_eval,
+        samples,
+        len(dataset.bad),
     )

@@ -52,7 +52,10 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=False)
 
 
@@ -97,7 +100,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = torch.load(Path(ckpt_dir) / TRAIN_STATE, weights_only=False)
     else:
         special_ids = dict(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         model = build_model(cfg.model.name, len(tokenizer), special_ids, cfg.model.overrides, seed=cfg.optim.seed)
     model.config.output_router_logits = True
@@ -112,7 +117,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     schedule = GlobalBatchSchedule(len(data), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
     grad_accum = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * world_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.autocast_bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.scaling.autocast_bf16 else nullcontext()
     unwrapped_config = getattr(model, "module", model).config
     top_k = getattr(unwrapped_config, "num_experts_per_tok", 0)
     aux_coef = getattr(unwrapped_config, "router_aux_loss_coef", 0.0)
@@ -123,7 +128,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while step < cfg.optim.max_steps:
         micro_batches = data[schedule.next_indices(rank, world_size)].to(device).split(cfg.optim.micro_batch_size)
         assert len(micro_batches) == grad_accum, f"{len(micro_batches)} micro-batches, expected {grad_accum}"
+        checkpoint_due = (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.optim.max_steps
+        log_due = checkpoint_due or (step + 1) % cfg.tracking.log_every_steps == 0
         lm_loss = aux_loss = 0.0
+        load = None  # expert load over the whole step, computed only on steps that are logged
         for i, batch in enumerate(micro_batches):
             is_last = i == grad_accum - 1
             sync = nullcontext() if is_last or world_size == 1 else model.no_sync()  # all-reduce once per step
@@ -133,17 +141,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
             aux = out.aux_loss.item() if getattr(out, "aux_loss", None) is not None else 0.0  # None: dense model
             lm_loss += (out.loss.item() - aux_coef * aux) / grad_accum
             aux_loss += aux / grad_accum
+            if log_due and getattr(out, "router_logits", None):
+                micro_load = expert_load(out.router_logits, top_k)
+                load = micro_load if load is None else load + micro_load
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
-
-        checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.optim.max_steps
-        if not (checkpoint_due or step % cfg.tracking.log_every_steps == 0):
+        if not log_due:
             continue
-        elapsed = time.perf_counter() - window_start
+        # The window runs report to report, so logging and checkpointing costs count against throughput.
+        now = time.perf_counter()
+        elapsed, steps_in_window = now - window_start, window_steps
+        window_start, window_steps = now, 0
         losses = mean_across_ranks(torch.tensor([lm_loss, aux_loss], device=device))
         metrics = {
             "step": step,
@@ -151,11 +163,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "aux_loss": losses[1].item(),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
-            "tokens_per_s": tokens_per_step * window_steps / elapsed,
+            "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
             "epoch": schedule.cursor.epoch,
         }
-        if getattr(out, "router_logits", None):
-            metrics.update(expert_load(out.router_logits, top_k).summary())
+        if load is not None:
+            metrics.update(load.summary())
         if checkpoint_due:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
@@ -164,5 +176,3 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
         else:
             ray.train.report(metrics)
-        window_start, window_steps = time.perf_counter(), 0
-

@@ -60,7 +60,9 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         "config": cfg.model_dump(mode="json"),
         "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
     }
-    with tracking.start_run(cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags={"strata.job": "pretrain"}) as run:
+    with tracking.start_run(
+        cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags={"strata.job": "pretrain"}
+    ) as run:
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
         console.print(f"MLflow run {run_id} in {uri}")
