@@ -24,6 +24,7 @@ from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
 from strata.data.tokenizer import load_tokenizer
 from strata.models.moe_stats import expert_load
 from strata.models.presets import build_model
+from strata.train.state import restore_rank_state, save_rank_state, seed_everything
 
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
@@ -98,6 +99,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             model = build_model(str(Path(ckpt_dir) / MODEL_DIR), len(tokenizer), {})
             state = torch.load(Path(ckpt_dir) / TRAIN_STATE, weights_only=False)
+            if not restore_rank_state(Path(ckpt_dir), rank, world_size):
+                seed_everything(cfg.optim.seed + state["step"], rank)
     else:
         special_ids = dict(
             bos_token_id=tokenizer.bos_token_id,
@@ -105,6 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
         model = build_model(cfg.model.name, len(tokenizer), special_ids, cfg.model.overrides, seed=cfg.optim.seed)
+        seed_everything(cfg.optim.seed, rank)
     model.config.output_router_logits = True
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
     optimizer = make_optimizer(model, cfg.optim)
@@ -114,6 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, cursor = state["step"], DataCursor(**state["cursor"])
+        ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery
 
     schedule = GlobalBatchSchedule(len(data), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
     grad_accum = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * world_size)
@@ -172,7 +177,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
                     save_checkpoint(Path(tmp), model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
-                ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+                save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
         else:
             ray.train.report(metrics)

@@ -24,6 +24,7 @@ from strata.data.packing import DataCursor, GlobalBatchSchedule
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
 from strata.models.adapters import ADAPTER_DIR, resolve_base, save_trained, trainable_model
 from strata.train.loop import TRAIN_STATE, lr_lambda, make_optimizer, mean_across_ranks
+from strata.train.state import restore_rank_state, save_rank_state, seed_everything
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -65,6 +66,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     state, resumed_dir = None, None
+    seed_everything(cfg.optim.seed, rank)  # LoRA initialisation and dropout draw from these streams
     if checkpoint:
         resumed_dir = checkpoint.to_directory()
         state = torch.load(Path(resumed_dir) / TRAIN_STATE, weights_only=False)
@@ -83,6 +85,9 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, cursor = state["step"], DataCursor(**state["cursor"])
+        if not restore_rank_state(Path(resumed_dir), rank, world_size):
+            seed_everything(cfg.optim.seed + step, rank)
+        ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery
 
     schedule = GlobalBatchSchedule(len(train), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
     grad_accum = cfg.grad_accum_steps
@@ -132,8 +137,9 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
                     train_state = {"step": step, "cursor": schedule.cursor.state_dict()}
                     train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
                     torch.save(train_state, Path(tmp) / TRAIN_STATE)
-                ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:07d}")
+                save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
         else:
             ray.train.report(metrics)
         window_start, window_tokens = now, 0
