@@ -3,82 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
+from raycluster import RAY, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def head_node():
-    """`ray start --head --block` as our own child: killing its process group stops exactly what it started."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="strata-ray-", dir="/tmp"))  # short: Ray's unix sockets live here
-    port, dashboard = free_port(), free_port()
-    env = {
-        **os.environ,
-        # The cluster's Python has the dependencies (as a cluster image would); `strata` itself is not installed.
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-    }
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=2",
-            f"--temp-dir={temp_dir}",
-            "--include-dashboard=true",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            request = urllib.request.Request(
-                f"{url}/api/version", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
-            )
-            urllib.request.urlopen(request, timeout=2)
-            break
-        except Exception:
-            assert head.poll() is None, "ray start --head exited early"
-            time.sleep(1)
-    else:
-        pytest.fail("the head node's job server did not come up in 90 s")
-    yield url, env
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    cluster = LocalCluster(head_cpus=2)
+    yield cluster.dashboard_url, cluster.env
+    cluster.shutdown()
 
 
 @pytest.mark.slow

@@ -3,17 +3,21 @@ and the resumed run ends with weights bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from raycluster import LocalCluster
 from safetensors.torch import load_file
 
 from strata.config import PretrainConfig
@@ -134,3 +138,104 @@ def test_killed_driver_rerun_with_same_name_resumes_bit_identical(small_data, un
     assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] in ([10.0], [20.0])
     lost = client.get_metric_history(run_id, "recovery_steps_lost")
     assert len(lost) == 1 and lost[0].value <= 10
+
+
+class FakeMetadataService:
+    """EC2's instance metadata service on 127.0.0.1: IMDSv2 tokens, and a spot notice once armed."""
+
+    def __init__(self):
+        service = self
+        self.notice: dict | None = None
+        self.token = "imds-token"
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"]
+                self._send(200, service.token.encode())
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != service.token:
+                    return self._send(401, b"")
+                if self.path != "/latest/meta-data/spot/instance-action" or service.notice is None:
+                    return self._send(404, b"")
+                self._send(200, json.dumps(service.notice).encode())
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def arm(self, seconds_left: int) -> None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds_left))
+        self.notice = {"action": "terminate", "time": when}
+
+
+def test_spot_notice_gives_a_just_in_time_checkpoint_and_loses_no_step(small_data, uninterrupted, tmp_path):
+    """Head + spot node A; the watcher on A sees the notice and drains A; the loop checkpoints at once; A is
+    then reclaimed (killed) and a replacement node B joins; training resumes from the just-in-time checkpoint."""
+    imds = FakeMetadataService()
+    cluster = LocalCluster(head_cpus=0, env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"})
+    watcher = driver = None
+    try:
+        cluster.add_node("spot-a", cpus=2, resources={"spot": 2})
+        env = {**cluster.env, "PYTHONPATH": str(ROOT / "platform"), "STRATA_HOME": str(tmp_path)}
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "strata.cli", "spot-watch", "--address", cluster.address, "--node-name", "spot-a",
+             "--metadata-url", imds.url, "--poll-interval", "0.2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        config = recovery_config(small_data[0], tmp_path, "spot")
+        tree = config.model_dump(mode="json")
+        tree["scaling"]["resources_per_worker"] = {"spot": 1}
+        config_file = tmp_path / "job.yaml"
+        config_file.write_text(yaml.safe_dump(tree))
+        driver = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(config_file)],
+            env={**env, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+        run_dir = tmp_path / "runs" / "spot"
+        wait_for_checkpoint(run_dir, 10)
+        imds.arm(seconds_left=20)
+        assert watcher.wait(timeout=60) == 0, watcher.stdout.read()
+        jit_step = wait_for_extra_checkpoint(run_dir, regular={10, 20, 30})
+        cluster.add_node("spot-b", cpus=2, resources={"spot": 2})  # the autoscaler's replacement
+        cluster.kill_node("spot-a")  # the reclaim
+        output, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, output[-4000:]
+    finally:
+        for process in (watcher, driver):
+            if process and process.poll() is None:
+                process.kill()
+        cluster.shutdown()
+        imds.server.shutdown()
+
+    assert 10 < jit_step < 20
+    assert_bit_identical(final_weights(config), uninterrupted)
+    client = MlflowClient(config.tracking.tracking_uri)
+    run_id = client.search_runs([client.get_experiment_by_name("recovery").experiment_id])[0].info.run_id
+    assert [m.value for m in client.get_metric_history(run_id, "preemption_checkpoint_step")] == [jit_step]
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [jit_step]
+    assert [m.value for m in client.get_metric_history(run_id, "recovery_steps_lost")] == [0.0]
+
+
+def wait_for_extra_checkpoint(run_dir: Path, regular: set[int], timeout: float = 120) -> int:
+    """The step of the first registered checkpoint that is not one of the periodic ones."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = (
+            {int(s) for s in re.findall(r"checkpoint_(\d{7})", snapshot.read_text())} if snapshot.exists() else set()
+        )
+        if steps - regular:
+            return min(steps - regular)
+        time.sleep(0.1)
+    raise AssertionError("no just-in-time checkpoint was registered")

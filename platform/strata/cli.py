@@ -106,6 +106,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     os.execvp(command[0], command)
 
 
+def cmd_spot_watch(args: argparse.Namespace) -> int:
+    import logging
+
+    from strata import spot
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    node_id = args.node_id or spot.find_node_id(args.address, args.node_name)
+    client = spot.MetadataClient(args.metadata_url)
+    console.print(f"watching {args.metadata_url} for spot notices on Ray node {node_id}")
+    notice = spot.watch(args.address, node_id, client, args.poll_interval)
+    console.print(f"drained node {node_id} for preemption: {notice.action} in {notice.seconds_left}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=48)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.set_defaults(func=cmd_generate)
+
+    watch = sub.add_parser("spot-watch", help="drain this Ray node when a spot interruption notice arrives")
+    watch.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "127.0.0.1:6379"), help="GCS host:port")
+    watch.add_argument("--node-id", help="Ray node id (hex); default: the node on this host")
+    watch.add_argument("--node-name", help="find the node by its `ray start --node-name` instead")
+    watch.add_argument("--metadata-url", default="http://169.254.169.254", help="instance metadata service")
+    watch.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")
+    watch.set_defaults(func=cmd_spot_watch)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     ui.add_argument("--port", type=int, default=5000)

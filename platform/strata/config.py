@@ -125,6 +125,9 @@ class OptimConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     every_steps: int = Field(50, gt=0)
     keep_last: int = Field(3, gt=0)
+    preemption_check_every_steps: int = Field(
+        1, gt=0, description="How often the loop asks Ray Train about node preemptions (a barrier across ranks)."
+    )
     storage_path: str = Field("runs", description="Local directory or s3:// URI for Ray Train storage.")
 
     @property
@@ -136,6 +139,9 @@ class ScalingConfig(StrictModel):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources per worker, e.g. {spot: 1} to run on spot nodes."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
 
     @property

@@ -83,6 +83,15 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, ste
     (directory / "config.yaml").write_text(dump_config(cfg))
 
 
+def hold_until_preempted(deadline_ms: int | None, slack_s: float = 30.0) -> None:
+    """After a just-in-time checkpoint, wait for Ray Train to tear this worker group down at the preemption
+    deadline and restart from that checkpoint: steps trained meanwhile would be lost. If the node outlives
+    the deadline (the reclaim was cancelled), training simply carries on."""
+    deadline_s = deadline_ms / 1000 if deadline_ms else time.time() + 120
+    while time.time() < deadline_s + slack_s:
+        time.sleep(0.5)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PretrainConfig.model_validate(loop_config["config"])
     paths = DataPaths(**loop_config["paths"])
@@ -128,7 +137,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     aux_coef = getattr(unwrapped_config, "router_aux_loss_coef", 0.0)
     tokens_per_step = cfg.optim.global_batch_size * data.shape[1]
 
+    def report_checkpoint(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(Path(tmp), model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
+            save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+
     model.train()
+    preempted = False
     window_start, window_steps = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
         micro_batches = data[schedule.next_indices(rank, world_size)].to(device).split(cfg.optim.micro_batch_size)
@@ -155,6 +173,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
+        if not (checkpoint_due or preempted) and step % cfg.checkpoint.preemption_check_every_steps == 0:
+            preemption = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
+            if preemption is not None:  # a spot notice: checkpoint now, then train no further on this group
+                report_checkpoint({"step": step, "preemption_checkpoint_step": step})
+                hold_until_preempted(preemption.deadline_ms)
+                preempted = True
         if not log_due:
             continue
         # The window runs report to report, so logging and checkpointing costs count against throughput.
@@ -174,11 +198,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if load is not None:
             metrics.update(load.summary())
         if checkpoint_due:
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_checkpoint(Path(tmp), model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
-                save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+            report_checkpoint(metrics)
         else:
             ray.train.report(metrics)

@@ -40,7 +40,11 @@ def make_trainer(cfg, loop_config: dict, callbacks: list, train_fn=train_loop_pe
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            resources_per_worker={
+                "CPU": scaling.cpus_per_worker,
+                **({"GPU": 1} if scaling.use_gpu else {}),
+                **scaling.resources_per_worker,
+            },
         ),
         run_config=ray.train.RunConfig(
             name=run_name or cfg.run_name,

@@ -1,0 +1,137 @@
+"""A multi-node Ray cluster on this machine for tests: `ray start` processes we own and alone stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A head (token auth on) plus worker nodes, each `ray start --block` in its own process group, so that
+    killing one node's group is losing that node, and `shutdown()` stops exactly what we started."""
+
+    def __init__(self, head_cpus: int = 2, env: dict[str, str] | None = None):
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="strata-ray-", dir="/tmp"))  # short: unix socket paths
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            # The cluster's Python has the dependencies, as a cluster image would; `strata` is shipped by jobs.
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+            **(env or {}),
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                f"--dashboard-port={self.dashboard_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--num-cpus={head_cpus}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=true",
+            ],
+        )
+        self._wait_for_dashboard()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        self.processes[name] = subprocess.Popen(
+            [RAY, "start", "--block", *args],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def add_node(self, name: str, cpus: int, resources: dict[str, float]) -> None:
+        before = self.alive_nodes()
+        self._start(
+            name,
+            [
+                f"--address={self.address}",
+                f"--num-cpus={cpus}",
+                f"--resources={json.dumps(resources)}",
+                f"--node-name={name}",
+            ],
+        )
+        deadline = time.time() + 60
+        while self.alive_nodes() <= before:
+            assert time.time() < deadline, f"node {name} did not join"
+            time.sleep(0.5)
+
+    def nodes(self) -> list[dict]:
+        """`ray.nodes()` as a driver of this cluster sees it (in a subprocess: this process may run its own Ray)."""
+        script = "import json, ray; ray.init(address='%s', logging_level='ERROR'); print(json.dumps(ray.nodes()))"
+        out = subprocess.run(
+            [sys.executable, "-c", script % self.address], env=self.env, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [n for n in json.loads(out.stdout.strip().splitlines()[-1]) if n["Alive"]]
+
+    def alive_nodes(self) -> int:
+        return len(self.nodes())
+
+    def node_id(self, name: str) -> str:
+        ids = [n["NodeID"] for n in self.nodes() if n.get("NodeName") == name]
+        assert len(ids) == 1, f"no single live node named {name}"
+        return ids[0]
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL the node's whole process group: what a reclaimed spot instance looks like to Ray."""
+        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        self.processes.pop(name).wait()
+
+    def _wait_for_dashboard(self) -> None:
+        deadline = time.time() + 90
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"{self.dashboard_url}/api/version",
+                    headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"},
+                )
+                urllib.request.urlopen(request, timeout=2)
+                return
+            except Exception:
+                assert self.processes["head"].poll() is None, "ray start --head exited early"
+                assert time.time() < deadline, "the head node did not come up in 90 s"
+                time.sleep(1)
+
+    def shutdown(self) -> None:
+        for name in list(self.processes)[::-1]:
+            try:
+                os.killpg(self.processes[name].pid, signal.SIGTERM)
+                self.processes[name].wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.processes[name].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
