@@ -239,3 +239,41 @@ def wait_for_extra_checkpoint(run_dir: Path, regular: set[int], timeout: float =
             return min(steps - regular)
         time.sleep(0.1)
     raise AssertionError("no just-in-time checkpoint was registered")
+
+
+def test_elastic_group_grows_when_capacity_returns_and_keeps_the_global_batch(small_data, tmp_path):
+    cluster = LocalCluster(head_cpus=0)
+    driver = None
+    try:
+        cluster.add_node("a", cpus=1, resources={"elastic": 1})  # capacity for one worker only
+        config = recovery_config(small_data[0], tmp_path, "elastic")
+        tree = config.model_dump(mode="json")
+        tree["optim"]["max_steps"] = 120  # Ray's autoscaling coordinator re-reads the cluster every 20 s
+        tree["checkpoint"]["every_steps"] = 10
+        tree["scaling"].update(
+            num_workers=2, min_workers=1, elastic_resize_interval_s=2, resources_per_worker={"elastic": 1}
+        )
+        config_file = tmp_path / "job.yaml"
+        config_file.write_text(yaml.safe_dump(tree))
+        env = {**cluster.env, "STRATA_HOME": str(tmp_path), "RAY_ADDRESS": cluster.address}
+        driver = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(config_file)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        wait_for_checkpoint(tmp_path / "runs" / "elastic", 10)
+        cluster.add_node("b", cpus=1, resources={"elastic": 1})  # capacity returns
+        output, _ = driver.communicate(timeout=600)
+        assert driver.returncode == 0, output[-4000:]
+    finally:
+        if driver and driver.poll() is None:
+            driver.kill()
+        cluster.shutdown()
+
+    client = MlflowClient(config.tracking.tracking_uri)
+    run_id = client.search_runs([client.get_experiment_by_name("recovery").experiment_id])[0].info.run_id
+    by_step = lambda key: {m.step: m.value for m in client.get_metric_history(run_id, key)}  # noqa: E731
+    world, accum = by_step("world_size"), by_step("grad_accum")
+    sizes = [world[s] for s in sorted(world)]
+    assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes  # started small, then grew
+    micro = tree["optim"]["micro_batch_size"]
+    assert {world[s] * accum[s] * micro for s in world} == {16}  # the global batch never changed

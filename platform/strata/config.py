@@ -136,13 +136,27 @@ class CheckpointConfig(StrictModel):
 
 
 class ScalingConfig(StrictModel):
-    num_workers: int = Field(2, gt=0)
+    num_workers: int = Field(2, gt=0, description="Workers to run (the most, when elastic).")
+    min_workers: int | None = Field(
+        None, gt=0, description="Elastic: keep training on as few as this many while capacity is missing."
+    )
+    elastic_resize_interval_s: float = Field(60, gt=0, description="How often Ray Train looks for capacity to grow.")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources per worker, e.g. {spot: 1} to run on spot nodes."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> ScalingConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) exceeds num_workers ({self.num_workers})")
+        return self
+
+    @property
+    def world_sizes(self) -> range:
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
     @property
     def autocast_bf16(self) -> bool:
@@ -167,12 +181,14 @@ class PretrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> PretrainConfig:
-        per_step = self.optim.micro_batch_size * self.scaling.num_workers
-        if self.optim.global_batch_size % per_step:
-            raise ValueError(
-                f"optim.global_batch_size ({self.optim.global_batch_size}) must be a multiple of "
-                f"optim.micro_batch_size x scaling.num_workers ({per_step})"
-            )
+        # The global batch stays the same whatever the number of workers: gradient accumulation adapts.
+        for workers in self.scaling.world_sizes:
+            per_step = self.optim.micro_batch_size * workers
+            if self.optim.global_batch_size % per_step:
+                raise ValueError(
+                    f"optim.global_batch_size ({self.optim.global_batch_size}) must be a multiple of "
+                    f"optim.micro_batch_size x workers ({per_step}, with {workers} workers)"
+                )
         return self
 
     @property

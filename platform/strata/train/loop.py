@@ -92,6 +92,17 @@ def hold_until_preempted(deadline_ms: int | None, slack_s: float = 30.0) -> None
         time.sleep(0.5)
 
 
+def checkpoint_if_preempted(report_checkpoint, step: int) -> bool:
+    """On a preemption notice (a drained node), write a just-in-time checkpoint and hold; False otherwise.
+    `get_preemption_info` is a barrier: every rank must ask at the same steps."""
+    preemption = ray.train.get_preemption_info()
+    if preemption is None:
+        return False
+    report_checkpoint({"step": step, "preemption_checkpoint_step": step})
+    hold_until_preempted(preemption.deadline_ms)
+    return True
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PretrainConfig.model_validate(loop_config["config"])
     paths = DataPaths(**loop_config["paths"])
@@ -174,11 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step += 1
         window_steps += 1
         if not (checkpoint_due or preempted) and step % cfg.checkpoint.preemption_check_every_steps == 0:
-            preemption = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
-            if preemption is not None:  # a spot notice: checkpoint now, then train no further on this group
-                report_checkpoint({"step": step, "preemption_checkpoint_step": step})
-                hold_until_preempted(preemption.deadline_ms)
-                preempted = True
+            preempted = checkpoint_if_preempted(report_checkpoint, step)
         if not log_due:
             continue
         # The window runs report to report, so logging and checkpointing costs count against throughput.
@@ -194,6 +201,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
             "epoch": schedule.cursor.epoch,
+            "world_size": world_size,
+            "grad_accum": grad_accum,
         }
         if load is not None:
             metrics.update(load.summary())

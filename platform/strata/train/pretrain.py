@@ -38,7 +38,8 @@ def make_trainer(cfg, loop_config: dict, callbacks: list, train_fn=train_loop_pe
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
+            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
             use_gpu=scaling.use_gpu,
             resources_per_worker={
                 "CPU": scaling.cpus_per_worker,

@@ -23,7 +23,7 @@ from strata.config import FinetuneConfig
 from strata.data.packing import DataCursor, GlobalBatchSchedule
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
 from strata.models.adapters import ADAPTER_DIR, resolve_base, save_trained, trainable_model
-from strata.train.loop import TRAIN_STATE, lr_lambda, make_optimizer, mean_across_ranks
+from strata.train.loop import TRAIN_STATE, checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
 from strata.train.state import restore_rank_state, save_rank_state, seed_everything
 
 
@@ -90,11 +90,24 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery
 
     schedule = GlobalBatchSchedule(len(train), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
-    grad_accum = cfg.grad_accum_steps
+    grad_accum = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * world_size)  # elastic-safe
     if step == 0:  # the base model's eval loss: the point every fine-tuning curve starts from
         eval_loss = evaluate(model, evaluation, rank, world_size, cfg.optim.micro_batch_size, pad_id, device)
         ray.train.report({"step": 0, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+
+    def report_checkpoint(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_trained(model, Path(tmp), cfg.method)
+                train_state = {"step": step, "cursor": schedule.cursor.state_dict()}
+                train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                torch.save(train_state, Path(tmp) / TRAIN_STATE)
+            save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+
     model.train()
+    preempted = False
     window_start, window_tokens = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
         indices = schedule.next_indices(rank, world_size)
@@ -117,6 +130,8 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         step += 1
 
         checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.optim.max_steps
+        if not (checkpoint_due or preempted) and step % cfg.checkpoint.preemption_check_every_steps == 0:
+            preempted = checkpoint_if_preempted(report_checkpoint, step)
         if not (checkpoint_due or step % cfg.tracking.log_every_steps == 0):
             continue
         now = time.perf_counter()  # report to report: logging and checkpointing count against throughput
@@ -131,15 +146,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         if checkpoint_due:
             eval_loss = evaluate(model, evaluation, rank, world_size, cfg.optim.micro_batch_size, pad_id, device)
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_trained(model, Path(tmp), cfg.method)
-                    train_state = {"step": step, "cursor": schedule.cursor.state_dict()}
-                    train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-                    torch.save(train_state, Path(tmp) / TRAIN_STATE)
-                save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+            report_checkpoint(metrics)
         else:
             ray.train.report(metrics)
         window_start, window_tokens = now, 0
