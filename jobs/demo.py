@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline on a local Ray and a local MLflow store, in a few minutes on 2 CPUs.
 
-corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers -> register it in MLflow -> generate
--> QLoRA fine-tune of that version on docstring -> function pairs -> register the merged model.
+corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers, killing one worker on the way (Ray Train
+restarts the group from the last checkpoint) -> register it in MLflow -> generate -> QLoRA fine-tune of that
+version on docstring -> function pairs -> register the merged model.
 """
 
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -18,6 +20,7 @@ from rich.table import Table  # noqa: E402
 from strata import tracking  # noqa: E402
 from strata.config import FinetuneConfig, load_config  # noqa: E402
 from strata.runtime import init_ray  # noqa: E402
+from strata.train.faults import WorkerKiller  # noqa: E402
 from strata.train.finetune import run_finetuning  # noqa: E402
 from strata.train.pretrain import run_pretraining  # noqa: E402
 
@@ -30,9 +33,12 @@ def main() -> int:
     run_name = time.strftime("pretrain-tiny-demo-%Y%m%d-%H%M%S")
     cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", [f"run_name={run_name}"])
 
-    console.rule("1/4 pretraining the tiny MoE on 2 Ray Train workers")
+    console.rule("1/4 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
     init_ray()
+    run_dir = Path(cfg.checkpoint.resolved_storage_path) / run_name
+    killer = WorkerKiller(run_dir, after_step=100).start()  # a real SIGKILL, as a lost spot node would be
     result = run_pretraining(cfg, console)
+    recovery = mlflow.MlflowClient().get_run(result.run_id).data.metrics
 
     console.rule("2/4 generating from the registered model")
     model_uri = f"models:/{cfg.tracking.registered_model}/{result.registered_version}"
@@ -60,6 +66,13 @@ def main() -> int:
         f"{result.metrics['loss']:.3f} (step {result.metrics['step']})",
     )
     table.add_row("expert imbalance (max/mean)", f"{result.metrics.get('expert_imbalance', float('nan')):.2f}")
+    if killer.killed_pid:
+        table.add_row(
+            "injected failure",
+            f"worker pid {killer.killed_pid} killed; resumed from step {recovery.get('resumed_from_step', 0):.0f}, "
+            f"{recovery.get('recovery_steps_lost', 0):.0f} steps recomputed, "
+            f"{recovery.get('recovery_seconds_to_resume', 0):.1f}s to resume",
+        )
     table.add_row("checkpoint", result.checkpoint_path)
     table.add_row("registered model", model_uri)
     table.add_row(

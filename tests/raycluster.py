@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -135,3 +137,65 @@ class LocalCluster:
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class FakeMetadataService:
+    """EC2's instance metadata service on 127.0.0.1: IMDSv2 tokens, and a spot notice once armed."""
+
+    def __init__(self):
+        service = self
+        self.notice: dict | None = None
+        self.token = "imds-token"
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"]
+                self._send(200, service.token.encode())
+
+            def do_GET(self):
+                if self.headers.get("X-aws-ec2-metadata-token") != service.token:
+                    return self._send(401, b"")
+                if self.path != "/latest/meta-data/spot/instance-action" or service.notice is None:
+                    return self._send(404, b"")
+                self._send(200, json.dumps(service.notice).encode())
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def arm(self, seconds_left: int) -> None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds_left))
+        self.notice = {"action": "terminate", "time": when}
+
+
+def start_job(cluster: LocalCluster, script: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A driver (jobs/*.py) connected to the cluster, as `ray job submit` would run it."""
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env={**cluster.env, **env, "RAY_ADDRESS": cluster.address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def start_spot_watcher(
+    cluster: LocalCluster, node_name: str, metadata_url: str, platform_dir: Path
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "strata.cli", "spot-watch", "--address", cluster.address, "--node-name", node_name,
+         "--metadata-url", metadata_url, "--poll-interval", "0.2"],
+        env={**cluster.env, "PYTHONPATH": str(platform_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip

@@ -148,8 +148,9 @@ def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registere
 def test_finetuning_resumes_by_run_name(ray_session, registered_base, strata_home):
     train_file = strata_home / "sft.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    first = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=10, run_name="resume-me"))
-    second = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=20, run_name="resume-me"))
+    quick = dict(run_name="resume-me", sample_prompts=[])  # no generation: this test is about the steps
+    first = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=10, **quick))
+    second = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=20, **quick))
     assert second.run_id == first.run_id
     steps = [m.step for m in MlflowClient(tracking.tracking_uri()).get_metric_history(first.run_id, "loss")]
     assert sorted(steps) == [5, 10, 15, 20]  # steps 1-10 were not trained again

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata import tracking
 from strata.config import PretrainConfig
+from strata.registry import generate_text
 from strata.train.loop import MODEL_DIR, TRAIN_STATE
 from strata.train.pretrain import run_pretraining
 
@@ -63,9 +65,17 @@ def test_pretraining_checkpoints_tracks_registers_and_resumes(ray_session, strat
     losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "loss"), key=lambda m: m.step)]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns: seeded, so this margin is stable
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "tokenizer"} <= artifacts
+    assert {"config.yaml", "tokenizer", "expert_load.json"} <= artifacts
+    load = json.loads((latest / "expert_load.json").read_text())
+    assert len(load["tokens_per_expert"]) == 2 and len(load["tokens_per_expert"][0]) == 8  # layers x experts
+    assert sum(load["tokens_per_expert"][0]) == 8 * 64 * 2  # rank 0's 8 sequences of the step, each token to 2
     version = client.get_model_version("strata-test", result.registered_version)
     assert version.tags["strata.run_name"] == "pretrain-test" and version.run_id == result.run_id
+
+    # The final model is a plain transformers directory that loads and generates.
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    assert len(tokenizer(generate_text(model, tokenizer, "def main(", max_new_tokens=8))["input_ids"]) > 0
 
     # Resume by run name: continues at step 30 (no step is trained twice) in the same MLflow run.
     resumed = run_pretraining(small_config(data_cfg, max_steps=40))
@@ -83,19 +93,3 @@ def test_pretraining_checkpoints_tracks_registers_and_resumes(ray_session, strat
     again = run_pretraining(small_config(data_cfg, max_steps=40))
     assert again.registered_version == resumed.registered_version
     assert len(client.get_metric_history(result.run_id, "loss")) == 8
-
-
-def test_the_final_model_generates(ray_session, strata_home, small_data, tmp_path):
-    """A model directory from training loads with plain transformers and generates tokens."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from strata.registry import generate_text
-
-    data_cfg, _ = small_data
-    cfg = small_config(data_cfg, max_steps=10).model_copy(update={"run_name": "pretrain-gen"})
-    result = run_pretraining(cfg)
-    model_dir = Path(result.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text = generate_text(model, tokenizer, "def main(", max_new_tokens=8)
-    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) > 0

@@ -120,3 +120,14 @@ def test_missing_or_wrong_data_file_is_a_config_error(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match=r"\.jsonl or \.parquet"):
         SFTDataConfig(train_file=str(tmp_path / "d.csv"))
+
+
+def test_finetune_cli_stops_on_bad_records_with_file_and_line(tmp_path, tiny_base, capsys):
+    from strata.cli import main
+
+    data = write_jsonl(tmp_path / "bad.jsonl", [*GOOD[:20], {"prompt": "no response"}])
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"base_model: {tiny_base}\ndata: {{train_file: {data}, on_bad_record: error}}\n")
+    assert main(["finetune", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:21: missing field 'response'" in err.replace("\n", "")

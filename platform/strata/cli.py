@@ -31,11 +31,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, PretrainConfig)  # fails before any Ray work starts
-    from strata.runtime import init_ray
     from strata.train.pretrain import run_pretraining
 
     started = time.perf_counter()
-    init_ray()
     result = run_pretraining(cfg, console)
     m = result.metrics
     console.rule(f"pretraining {cfg.run_name}: done in {time.perf_counter() - started:.0f}s")
@@ -53,13 +51,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, FinetuneConfig)
     from strata.data.sft import BadRecordsError
-    from strata.runtime import init_ray
     from strata.train.finetune import run_finetuning
 
     started = time.perf_counter()
     try:
-        init_ray()
-        result = run_finetuning(cfg, console)
+        result = run_finetuning(cfg, console)  # bad records stop it before any Ray work
     except BadRecordsError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2

@@ -170,17 +170,14 @@ class TrackingConfig(StrictModel):
     log_every_steps: int = Field(10, gt=0)
 
 
-class PretrainConfig(StrictModel):
-    run_name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+class BatchedJob(StrictModel):
+    """What pretraining and fine-tuning share: one global batch per optimizer step, whatever the workers."""
+
+    optim: OptimConfig
+    scaling: ScalingConfig
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> PretrainConfig:
+    def _batch_divides(self):
         # The global batch stays the same whatever the number of workers: gradient accumulation adapts.
         for workers in self.scaling.world_sizes:
             per_step = self.optim.micro_batch_size * workers
@@ -193,7 +190,18 @@ class PretrainConfig(StrictModel):
 
     @property
     def grad_accum_steps(self) -> int:
+        """Micro-batches per worker per step at the full `scaling.num_workers`."""
         return self.optim.global_batch_size // (self.optim.micro_batch_size * self.scaling.num_workers)
+
+
+class PretrainConfig(BatchedJob):
+    run_name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw_value: str) -> None:
@@ -326,7 +334,7 @@ class SFTDataConfig(StrictModel):
         return self
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(BatchedJob):
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Default: derived.")
     base_model: str = Field(..., description="models:/NAME@ALIAS, models:/NAME/VERSION, a local HF dir or hub id.")
     method: Literal["full", "lora", "qlora"] = "lora"
@@ -348,13 +356,6 @@ class FinetuneConfig(StrictModel):
         if base_model.startswith("models:/"):
             return base_model
         return validate_model_name(base_model)
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> FinetuneConfig:
-        PretrainConfig._batch_divides(self)  # type: ignore[arg-type]
-        return self
-
-    grad_accum_steps = PretrainConfig.grad_accum_steps
 
     @property
     def resolved_run_name(self) -> str:

@@ -26,6 +26,12 @@ class ExpertLoad:
     def summary(self) -> dict[str, float]:
         return {"expert_imbalance": self.imbalance, "router_entropy": float(self.router_entropy.mean())}
 
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "router_entropy": self.router_entropy.tolist(),
+        }
+
     def __add__(self, other: ExpertLoad) -> ExpertLoad:
         total = self.tokens_per_expert + other.tokens_per_expert
         weight = self.tokens_per_expert.sum(1).float(), other.tokens_per_expert.sum(1).float()

@@ -20,6 +20,7 @@ from strata.config import FinetuneConfig, dump_config, flatten
 from strata.data.sft import load_sft_dataset
 from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, resolve_base, trainable_model
 from strata.registry import generate_text
+from strata.runtime import init_ray
 from strata.train.pretrain import make_trainer
 from strata.train.sft_loop import finetune_loop_per_worker
 
@@ -54,6 +55,7 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         f"data: {len(dataset.train)} train / {len(dataset.eval)} eval examples from {dataset.source}"
         f" ({len(dataset.bad)} bad records skipped)"
     )
+    init_ray()  # joins the cluster (or starts a local one) only once the inputs are known to be good
     run_name = cfg.resolved_run_name
     cpu = torch.device("cpu")
     base_model = trainable_model(base.directory, "full", cfg.lora, cpu)

@@ -7,6 +7,7 @@ one. Every `checkpoint.every_steps` steps rank 0 writes model, optimizer, schedu
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -22,12 +23,13 @@ import torch.distributed as dist
 from strata.config import OptimConfig, PretrainConfig, dump_config
 from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
 from strata.data.tokenizer import load_tokenizer
-from strata.models.moe_stats import expert_load
+from strata.models.moe_stats import ExpertLoad, expert_load
 from strata.models.presets import build_model
 from strata.train.state import restore_rank_state, save_rank_state, seed_everything
 
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
+EXPERT_LOAD = "expert_load.json"  # tokens per expert and router entropy, per layer, at that step
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     aux_coef = getattr(unwrapped_config, "router_aux_loss_coef", 0.0)
     tokens_per_step = cfg.optim.global_batch_size * data.shape[1]
 
-    def report_checkpoint(metrics: dict) -> None:
+    def report_checkpoint(metrics: dict, load: ExpertLoad | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_checkpoint(Path(tmp), model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
+                if load is not None:  # per layer and expert, for the run's artifacts and the dashboards
+                    (Path(tmp) / EXPERT_LOAD).write_text(json.dumps(load.to_dict()))
             save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
@@ -207,6 +211,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if load is not None:
             metrics.update(load.summary())
         if checkpoint_due:
-            report_checkpoint(metrics)
+            report_checkpoint(metrics, load)
         else:
             ray.train.report(metrics)

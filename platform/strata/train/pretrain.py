@@ -17,7 +17,8 @@ from rich.console import Console
 from strata import registry, tracking
 from strata.config import PretrainConfig, dump_config, flatten
 from strata.data.prepare import prepare_data
-from strata.train.loop import MODEL_DIR, train_loop_per_worker
+from strata.runtime import init_ray
+from strata.train.loop import EXPERT_LOAD, MODEL_DIR, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def make_trainer(cfg, loop_config: dict, callbacks: list, train_fn=train_loop_pe
 def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
     console = console or Console(stderr=True)
     data = prepare_data(cfg.data, console)
+    init_ray()  # joins the cluster (or starts a local one) only once the inputs are known to be good
     uri = tracking.use_store(cfg.tracking.tracking_uri)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
@@ -75,7 +77,10 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
-        model_dir = Path(result.checkpoint.to_directory()) / MODEL_DIR
+        checkpoint_dir = Path(result.checkpoint.to_directory())
+        model_dir = checkpoint_dir / MODEL_DIR
+        if (checkpoint_dir / EXPERT_LOAD).exists():
+            mlflow.log_artifact(str(checkpoint_dir / EXPERT_LOAD))
         if not registry.already_registered(run, result.checkpoint.path):
             mlflow.log_artifacts(data.tokenizer_dir, "tokenizer")
         version = registry.register_once(
