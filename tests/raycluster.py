@@ -66,8 +66,10 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, name: str, args: list[str]) -> None:
+        # Each node's dashboard agent gets its own port: the default (52365) may belong to another Ray here,
+        # and a head without its agent refuses job submissions ("No available agent").
         self.processes[name] = subprocess.Popen(
-            [RAY, "start", "--block", *args],
+            [RAY, "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
