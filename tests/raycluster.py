@@ -41,7 +41,9 @@ class LocalCluster:
             "RAY_AUTH_TOKEN": uuid.uuid4().hex,
             **(env or {}),
         }
-        self.env.pop("RAY_ADDRESS", None)
+        # Not this process's: `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, and jobs must use their own.
+        for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+            self.env.pop(inherited, None)
         self.processes: dict[str, subprocess.Popen] = {}
         self._start(
             "head",
