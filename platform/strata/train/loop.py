@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,9 +24,14 @@ from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
 from strata.data.tokenizer import load_tokenizer
 from strata.models.moe_stats import ExpertLoad, expert_load
 from strata.models.presets import build_model
-from strata.train.state import restore_rank_state, save_rank_state, seed_everything
+from strata.train.state import (
+    TRAIN_STATE,
+    report_with_checkpoint,
+    restore_rank_state,
+    save_train_state,
+    seed_everything,
+)
 
-TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
 EXPERT_LOAD = "expert_load.json"  # tokens per expert and router entropy, per layer, at that step
 
@@ -73,15 +77,7 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, ste
     unwrapped = getattr(model, "module", model)
     unwrapped.save_pretrained(directory / MODEL_DIR)
     tokenizer.save_pretrained(directory / MODEL_DIR)
-    torch.save(
-        {
-            "step": step,
-            "cursor": cursor.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        },
-        directory / TRAIN_STATE,
-    )
+    save_train_state(directory, step, cursor.state_dict(), optimizer, scheduler)
     (directory / "config.yaml").write_text(dump_config(cfg))
 
 
@@ -151,14 +147,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokens_per_step = cfg.optim.global_batch_size * data.shape[1]
 
     def report_checkpoint(metrics: dict, load: ExpertLoad | None = None) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_checkpoint(Path(tmp), model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
-                if load is not None:  # per layer and expert, for the run's artifacts and the dashboards
-                    (Path(tmp) / EXPERT_LOAD).write_text(json.dumps(load.to_dict()))
-            save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        def write_rank0(directory: Path) -> None:
+            save_checkpoint(directory, model, tokenizer, optimizer, scheduler, step, schedule.cursor, cfg)
+            if load is not None:  # per layer and expert, for the run's artifacts and the dashboards
+                (directory / EXPERT_LOAD).write_text(json.dumps(load.to_dict()))
+
+        report_with_checkpoint(metrics, step, rank, world_size, schedule.cursor.state_dict(), write_rank0)
 
     model.train()
     preempted = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import resource
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,8 +22,14 @@ from strata.config import FinetuneConfig
 from strata.data.packing import DataCursor, GlobalBatchSchedule
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
 from strata.models.adapters import ADAPTER_DIR, resolve_base, save_trained, trainable_model
-from strata.train.loop import TRAIN_STATE, checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
-from strata.train.state import restore_rank_state, save_rank_state, seed_everything
+from strata.train.loop import checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
+from strata.train.state import (
+    TRAIN_STATE,
+    report_with_checkpoint,
+    restore_rank_state,
+    save_train_state,
+    seed_everything,
+)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -100,15 +105,11 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({"step": 0, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
 
     def report_checkpoint(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_trained(model, Path(tmp), cfg.method)
-                train_state = {"step": step, "cursor": schedule.cursor.state_dict()}
-                train_state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-                torch.save(train_state, Path(tmp) / TRAIN_STATE)
-            save_rank_state(Path(tmp), rank, world_size, schedule.cursor.state_dict())
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)  # Ray merges every rank's files
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        def write_rank0(directory: Path) -> None:
+            save_trained(model, directory, cfg.method)
+            save_train_state(directory, step, schedule.cursor.state_dict(), optimizer, scheduler)
+
+        report_with_checkpoint(metrics, step, rank, world_size, schedule.cursor.state_dict(), write_rank0)
 
     model.train()
     preempted = False

@@ -8,12 +8,16 @@ A run resumed on a different number of workers keeps the (rank-independent) data
 from __future__ import annotations
 
 import random
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import ray.train
 import torch
 
 RANK_STATE_DIR = "rank_state"
+TRAIN_STATE = "train_state.pt"  # step, data cursor, optimizer and scheduler: written by rank 0
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -54,3 +58,21 @@ def restore_rank_state(checkpoint_dir: Path, rank: int, world_size: int) -> bool
         return False
     set_rng_state(state["rng"])
     return True
+
+
+def save_train_state(directory: Path, step: int, cursor: dict, optimizer, scheduler) -> None:
+    state = {"step": step, "cursor": cursor, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save(state, directory / TRAIN_STATE)
+
+
+def report_with_checkpoint(
+    metrics: dict, step: int, rank: int, world_size: int, cursor: dict, write_rank0: Callable[[Path], None]
+) -> None:
+    """Report `metrics` with a checkpoint: rank 0 writes the shared files, every rank its own RNG state
+    (Ray Train merges the ranks' directories into one checkpoint)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            write_rank0(Path(tmp))
+        save_rank_state(Path(tmp), rank, world_size, cursor)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
