@@ -1,0 +1,103 @@
+"""Deploying the A/B application the declarative way (`serve deploy`), and changing its split live.
+
+A config names each variant by the registry *version* its alias pointed to when the config was written: a replica
+started later (autoscaling, a restart) must load the same weights as its siblings even if the alias has moved since.
+Changing the split re-deploys the running config with only the router's `user_config` changed, which Serve applies
+with `reconfigure` on the live router: no replica restarts and no request in flight fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+from strata.config import ServeConfig, VariantConfig
+from strata.serve.routing import Split
+
+IMPORT_PATH = "serve_apps.ab:build_app"
+ROUTER = "Router"
+
+
+def variants_from_aliases(model_name: str, aliases: list[str], **variant_options: Any) -> list[VariantConfig]:
+    """One variant per registry alias (`stable`, `fast`), pinned to the version the alias points to now."""
+    client = MlflowClient()
+    variants = []
+    for alias in aliases:
+        try:
+            version = client.get_model_version_by_alias(model_name, alias).version
+        except MlflowException as err:
+            raise ValueError(f"registered model {model_name!r} has no alias {alias!r}: {err.message}") from None
+        variants.append(VariantConfig(name=alias, model=f"models:/{model_name}/{version}", **variant_options))
+    return variants
+
+
+def application(config: ServeConfig, name: str = "strata", route_prefix: str = "/") -> dict[str, Any]:
+    """One `applications:` entry of a `serve deploy` config; the split goes to the router's user_config."""
+    args = config.model_dump(exclude_defaults=True)
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args,
+        "deployments": [{"name": ROUTER, "user_config": {"weights": config.initial_weights}}],
+    }
+
+
+def serve_config(applications: list[dict[str, Any]], host: str = "0.0.0.0", port: int = 8000) -> dict[str, Any]:
+    return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port}, "applications": applications}
+
+
+def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
+    """What `serve deploy config.yaml` does. Applications missing from `config` are deleted, as with the CLI."""
+    ServeSubmissionClient(dashboard_url).deploy_applications(config)
+
+
+def wait_until_running(
+    dashboard_url: str, app: str, timeout_s: float = 600, on_poll: Callable[[str], None] | None = None
+) -> None:
+    client = ServeSubmissionClient(dashboard_url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        details = client.get_serve_details().get("applications", {}).get(app)
+        status = details["status"] if details else "NOT_STARTED"
+        if on_poll:
+            on_poll(status)
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"application {app!r} failed to deploy: {details.get('message')}")
+        time.sleep(1)
+    raise TimeoutError(f"application {app!r} not running after {timeout_s:.0f}s")
+
+
+def running_config(dashboard_url: str) -> dict[str, Any]:
+    """The config Serve is running now (every application), as `serve deploy` last received it."""
+    details = ServeSubmissionClient(dashboard_url).get_serve_details()
+    applications = [a["deployed_app_config"] for a in details.get("applications", {}).values()]
+    config = {"applications": [a for a in applications if a]}
+    if details.get("http_options"):
+        config["http_options"] = {k: details["http_options"][k] for k in ("host", "port")}
+    if details.get("proxy_location"):
+        config["proxy_location"] = details["proxy_location"]
+    return config
+
+
+def set_weights(dashboard_url: str, app: str, weights: dict[str, float]) -> dict[str, Any]:
+    """Change `app`'s split live; returns the config that was deployed."""
+    config = copy.deepcopy(running_config(dashboard_url))
+    entries = [a for a in config["applications"] if a["name"] == app]
+    if not entries:
+        raise ValueError(f"no application {app!r} is deployed; there are {[a['name'] for a in config['applications']]}")
+    [entry] = entries
+    Split(weights, [v["name"] for v in entry["args"]["variants"]])  # refuse bad weights before Serve sees them
+    deployments = [d for d in entry.get("deployments", []) if d["name"] != ROUTER]
+    router = next((d for d in entry.get("deployments", []) if d["name"] == ROUTER), {"name": ROUTER})
+    entry["deployments"] = [*deployments, {**router, "user_config": {"weights": weights}}]
+    deploy(dashboard_url, config)
+    return config

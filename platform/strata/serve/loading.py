@@ -1,0 +1,39 @@
+"""Loading a model version for serving: from the MLflow registry or a directory, optionally with a LoRA adapter."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from strata.config import VariantConfig
+from strata.models.adapters import merged_model, resolve_base
+
+
+def serving_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def fetch_adapter(uri: str) -> str:
+    """A local adapter directory, or one downloaded from MLflow (`runs:/ID/adapter`, `models:/`, `s3://`)."""
+    if ":/" not in uri:
+        return uri
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+
+
+def load_for_serving(variant: VariantConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, str]]:
+    """The model (eval mode, on the GPU if there is one), its tokenizer, and what it is (registry tags)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = resolve_base(variant.model)
+    if variant.adapter:
+        model = merged_model(base.directory, "lora", fetch_adapter(variant.adapter))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base.directory)
+    model = model.to(device=device, dtype=serving_dtype(variant.engine.dtype, device)).eval()
+    model.config.output_router_logits = False  # router logits feed training losses only
+    tokenizer = AutoTokenizer.from_pretrained(base.directory)
+    info = {**base.tags, **({"adapter": variant.adapter} if variant.adapter else {})}
+    return model, tokenizer, info

@@ -1,0 +1,126 @@
+"""The continuous-batching engine against transformers `generate`, without Ray."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from strata.serve.engine import Engine, Output, SamplingParams, bucket
+
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __init__(self, text):\n", "x = 1", "#"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_base):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_base).eval(), AutoTokenizer.from_pretrained(tiny_base)
+
+
+def reference(model, tokenizer, prompt: str, max_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+class Collector:
+    def __init__(self):
+        self.outputs: list[Output] = []
+        self.done = threading.Event()
+
+    def __call__(self, output: Output) -> None:
+        self.outputs.append(output)
+        if output.finish_reason:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+
+def run_engine(engine: Engine, requests: list[tuple[str, SamplingParams]], join_every: int = 0) -> list[Collector]:
+    """Submit requests one per `join_every` steps (0: all at once) and step until every one finishes."""
+    collectors = []
+    pending = list(requests)
+    steps = 0
+    with torch.inference_mode():
+        while pending or any(not c.done.is_set() for c in collectors):
+            if pending and (join_every == 0 or steps % join_every == 0):
+                batch = pending if join_every == 0 else pending[:1]
+                for prompt, params in batch:
+                    collectors.append(Collector())
+                    engine.submit(engine.tokenizer.encode(prompt, add_special_tokens=False), params, collectors[-1])
+                pending = [] if join_every == 0 else pending[1:]
+            engine.step()
+            steps += 1
+            assert steps < 1000
+    return collectors
+
+
+@pytest.mark.parametrize("join_every", [0, 3])
+def test_greedy_matches_generate_while_requests_join_and_leave(model_and_tokenizer, join_every):
+    model, tokenizer = model_and_tokenizer
+    lengths = [12, 5, 20, 9, 16]  # different max_tokens: rows leave the batch at different steps
+    engine = Engine(model, tokenizer, max_batch_size=3)  # fewer slots than requests: some wait in the queue
+    requests = [(p, SamplingParams(max_tokens=n, temperature=0.0)) for p, n in zip(PROMPTS, lengths, strict=True)]
+    collectors = run_engine(engine, requests, join_every)
+    for (prompt, params), collector in zip(requests, collectors, strict=True):
+        assert collector.text == reference(model, tokenizer, prompt, params.max_tokens), prompt
+        assert collector.outputs[-1].finish_reason in {"length", "stop"}
+    assert engine.stats() == {"running": 0, "waiting": 0, "finished": len(PROMPTS), "cancelled": 0}
+    assert engine.cache is None
+
+
+def test_stop_sequences_cut_the_text_and_are_never_streamed(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    full = reference(model, tokenizer, PROMPTS[0], 24)
+    stop = full[5:8]
+    assert stop and full.find(stop) == 5
+    [collector] = run_engine(Engine(model, tokenizer), [(PROMPTS[0], SamplingParams(24, 0.0, stop=(stop,)))])
+    assert collector.text == full[:5]
+    assert collector.outputs[-1].finish_reason == "stop"
+
+
+def test_sampling_respects_top_p_and_temperature(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    greedy = reference(model, tokenizer, PROMPTS[1], 10)
+    engine = Engine(model, tokenizer, seed=1)
+    # top_p -> 0 keeps only the most likely token: sampling collapses to greedy.
+    nucleus, hot = run_engine(
+        engine,
+        [(PROMPTS[1], SamplingParams(10, temperature=1.0, top_p=1e-6)), (PROMPTS[1], SamplingParams(10, 5.0))],
+    )
+    assert nucleus.text == greedy
+    assert hot.text != greedy
+
+
+def test_cancel_frees_the_slot(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    first, second = Collector(), Collector()
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    long_request = engine.submit(ids, SamplingParams(max_tokens=200, temperature=0.0), first)
+    engine.submit(ids, SamplingParams(max_tokens=3, temperature=0.0), second)
+    with torch.inference_mode():
+        for _ in range(3):
+            engine.step()
+        assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 1
+        engine.cancel(long_request)
+        for _ in range(5):
+            engine.step()
+    assert second.done.is_set() and not first.done.is_set()
+    assert engine.stats() == {"running": 0, "waiting": 0, "finished": 1, "cancelled": 1}
+
+
+def test_prompt_over_the_context_is_refused(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError, match="context length"):
+        engine.submit([1] * engine.max_context, SamplingParams(max_tokens=1), Collector())
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 100)] == [1, 2, 4, 4, 8, 8, 16, 128]

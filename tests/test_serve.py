@@ -1,0 +1,407 @@
+"""Serving on a real Serve HTTP endpoint: the OpenAI API, auth, rate limits, bad input, the A/B split, live weight
+changes and client disconnects. One application (two registered versions of the tiny MoE) is deployed the
+declarative way, as `serve deploy` does, and shared by the tests of this module."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "strata-test"
+MODEL = "strata-tiny"
+KEYS = {"main": "sk-main-0123456789", "other": "sk-other-0123456789", "limited": "sk-limited-0123456789"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tiny_base, tmp_path_factory):
+    """Two registered versions (`stable` = the tiny base, `fast` = another initialisation) behind the router."""
+    import ray
+    from ray import serve
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from strata import registry, tracking
+    from strata.config import AuthSettings, AuditSettings, EngineSettings, ServeConfig
+    from strata.serve import deploy
+    from strata.serve.auth import key_id
+
+    home = tmp_path_factory.mktemp("serve-home")
+    saved_env = {k: os.environ.get(k) for k in ("STRATA_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["STRATA_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    uri = tracking.use_store()
+
+    other = home / "tiny-other"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.05, generator=torch_generator(1))
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(other)
+    with tracking.start_run("serve-test", "versions", {}):
+        stable = registry.log_model(tiny_base, MODEL)
+        fast = registry.log_model(other, MODEL)
+    registry.set_alias(MODEL, "stable", stable.version)
+    registry.set_alias(MODEL, "fast", fast.version)
+
+    keys_file = home / "keys.txt"
+    keys_file.write_text("# test keys\n" + "\n".join(KEYS.values()) + "\n")
+    engine = EngineSettings(max_batch_size=16, max_tokens_limit=64, stream_interval_s=0.0)
+    config = ServeConfig(
+        model_name=MODEL,
+        variants=deploy.variants_from_aliases(MODEL, ["stable", "fast"], num_cpus=0.5, engine=engine),
+        weights={"stable": 90, "fast": 10},
+        tracking_uri=uri,
+        auth=AuthSettings(
+            api_keys_file=str(keys_file),
+            requests_per_minute=100_000,
+            burst=5_000,
+            key_limits={key_id(KEYS["limited"]): {"requests_per_minute": 6, "burst": 3}},
+        ),
+        audit=AuditSettings(path=str(home / "audit.jsonl")),
+        router_num_cpus=0.25,
+    )
+    port = free_port()
+    dashboard = "http://" + ray._private.worker.get_dashboard_url()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy.deploy(dashboard, {"applications": [deploy.application(config, APP)]})
+    deploy.wait_until_running(dashboard, APP, timeout_s=300)
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "dashboard": dashboard,
+        "home": home,
+        "stable_dir": tiny_base,
+        "fast_dir": other,
+        "config": config,
+    }
+    serve.shutdown()
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def client(served, key: str = KEYS["main"]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=key, max_retries=0)
+
+
+def auth(key: str = KEYS["main"]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def model_stats(variant: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{variant}", app_name=APP).stats.remote().result()
+
+
+def reference(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from strata.registry import generate_text
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=False).eval()
+    return generate_text(model, AutoTokenizer.from_pretrained(model_dir), prompt, max_tokens)
+
+
+@pytest.mark.slow
+def test_openai_client_completions_chat_and_streaming(served):
+    api = client(served)
+    prompt = "def main(args):\n"
+    raw = api.completions.with_raw_response.create(model=f"{MODEL}:stable", prompt=prompt, max_tokens=12, temperature=0)
+    completion = raw.parse()
+    assert raw.headers["x-strata-variant"] == "stable"
+    assert completion.model == f"{MODEL}:stable"
+    assert completion.choices[0].text == reference(served["stable_dir"], prompt, 12)
+    assert completion.usage.prompt_tokens > 0 and 0 < completion.usage.completion_tokens <= 12
+
+    streamed = api.completions.create(
+        model=f"{MODEL}:stable",
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == completion.choices[0].text
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a parser."}]
+    chat = api.chat.completions.create(model=f"{MODEL}:fast", messages=messages, max_tokens=8, temperature=0)
+    assert chat.model == f"{MODEL}:fast"
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in {"stop", "length"}
+    deltas = api.chat.completions.create(
+        model=f"{MODEL}:fast", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in deltas) == chat.choices[0].message.content
+
+    sampled = api.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.9, top_p=0.9, stop=["\n"])
+    assert "\n" not in sampled.choices[0].text
+
+    assert [m.id for m in api.models.list()] == [MODEL, f"{MODEL}:stable", f"{MODEL}:fast"]
+    health = httpx.get(served["url"] + "/health").json()
+    assert health["status"] == "ok"
+
+
+BAD_REQUESTS = [
+    # (what, path, body bytes, expected status, expected param or code)
+    ("malformed JSON", "/v1/completions", b'{"model": "strata-tiny", "prompt": ', 400, "invalid_json"),
+    ("not an object", "/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model_not_found"),
+    ("unknown variant", "/v1/completions", {"model": "strata-tiny:nope", "prompt": "x"}, 404, "model_not_found"),
+    (
+        "prompt too long",
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x = 1\n" * 2000},
+        400,
+        "context_length_exceeded",
+    ),
+    ("max_tokens 0", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens over limit", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ("wrong type", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("bool as int", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("n > 1", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    ("no prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    (
+        "bad role",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "x", "content": "y"}]},
+        400,
+        "messages.0.role",
+    ),
+    ("oversized body", "/v1/completions", {"model": MODEL, "prompt": "x" * 1_100_000}, 413, None),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_gets_an_openai_error_and_never_reaches_the_engine(served):
+    before = {v: model_stats(v) for v in ("stable", "fast")}
+    for what, path, body, status, field in BAD_REQUESTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = httpx.post(served["url"] + path, content=content, headers=auth(), timeout=30)
+        assert response.status_code == status, (what, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"], what
+        if field:
+            assert field in {error["param"], error["code"]}, (what, error)
+    after = {v: model_stats(v) for v in ("stable", "fast")}
+    for variant in before:
+        for counter in ("running", "waiting", "finished", "cancelled"):
+            assert after[variant][counter] == before[variant][counter], (variant, counter)
+    # ... and the server still answers well-formed requests.
+    ok = httpx.post(
+        served["url"] + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=auth()
+    )
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.slow
+def test_api_keys_rate_limits_and_the_audit_log(served):
+    url = served["url"] + "/v1/completions"
+    body = {"model": MODEL, "prompt": "import os", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEYS["main"]}):
+        response = httpx.post(url, json=body, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(served, "sk-wrong").models.list()
+
+    statuses = [httpx.post(url, json=body, headers=auth(KEYS["limited"])) for _ in range(4)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert statuses[-1].json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(statuses[-1].headers["Retry-After"]) <= 10
+    assert httpx.post(url, json=body, headers=auth(KEYS["other"])).status_code == 200  # other keys are unaffected
+
+    audit = (served["home"] / "audit.jsonl").read_text()
+    for key in KEYS.values():
+        assert key not in audit
+    from strata.serve.auth import key_id
+
+    lines = [json.loads(line) for line in audit.splitlines()]
+    limited = [line for line in lines if line["key_id"] == key_id(KEYS["limited"])]
+    assert [line["status"] for line in limited[-4:]] == [200, 200, 200, 429]
+    assert {"time", "variant", "prompt_tokens", "completion_tokens", "latency_ms"} <= set(limited[-1])
+    assert "prompt" not in limited[-1]
+
+
+async def _send(url: str, bodies: list[dict], concurrency: int, headers: dict | None = None) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(body: dict) -> httpx.Response:
+            async with semaphore:
+                return await http.post(url, json=body, headers={**auth(), **(headers or {})})
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+@pytest.mark.slow
+def test_split_follows_the_weights_and_users_stick_to_a_variant(served):
+    url = served["url"] + "/v1/completions"
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    responses = asyncio.run(_send(url, [body] * 2000, concurrency=16))
+    assert all(r.status_code == 200 for r in responses)
+    counts = collections.Counter(r.headers["x-strata-variant"] for r in responses)
+    assert abs(counts["stable"] / 2000 - 0.9) <= 0.03, counts
+    assert all(r.json()["model"] == f"{MODEL}:{r.headers['x-strata-variant']}" for r in responses)
+
+    users = [f"user-{i}" for i in range(60)]
+    sticky = asyncio.run(_send(url, [{**body, "user": u} for u in users * 4], concurrency=16))
+    seen: dict[str, set[str]] = collections.defaultdict(set)
+    for user, response in zip(users * 4, sticky, strict=True):
+        seen[user].add(response.headers["x-strata-variant"])
+    assert all(len(variants) == 1 for variants in seen.values()), seen
+    assert {v for variants in seen.values() for v in variants} == {"stable", "fast"}
+
+    session = asyncio.run(_send(url, [body] * 8, concurrency=4, headers={"x-session-id": "session-42"}))
+    assert len({r.headers["x-strata-variant"] for r in session}) == 1
+    pinned = asyncio.run(_send(url, [body] * 10, concurrency=4, headers={"x-strata-variant": "fast"}))
+    assert {r.headers["x-strata-variant"] for r in pinned} == {"fast"}
+
+
+@pytest.mark.slow
+def test_live_weight_change_restarts_nothing_and_fails_no_request_in_flight(served):
+    from strata.serve import deploy
+
+    url = served["url"] + "/v1/completions"
+    replicas_before = {v: model_stats(v)["replica"] for v in ("stable", "fast")}
+    router_before = httpx.get(served["url"] + "/health").json()["replica"]
+    failures, served_by, stop = [], collections.Counter(), threading.Event()
+
+    def stream_forever():
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                body = {"model": MODEL, "prompt": "class A:\n", "max_tokens": 24, "stream": True}
+                try:
+                    with http.stream("POST", url, json=body, headers=auth()) as response:
+                        text = "".join(response.iter_text())
+                        if response.status_code != 200 or not text.rstrip().endswith("data: [DONE]"):
+                            failures.append((response.status_code, text[-200:]))
+                        served_by[response.headers.get("x-strata-variant")] += 1
+                except Exception as err:  # noqa: BLE001 - any failure of an in-flight request fails the test
+                    failures.append(repr(err))
+
+    threads = [threading.Thread(target=stream_forever) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    deploy.set_weights(served["dashboard"], APP, {"stable": 0, "fast": 100})
+    deadline = time.monotonic() + 60
+    while httpx.get(served["url"] + "/health").json()["split"]["fast"] != 1.0:
+        assert time.monotonic() < deadline, "the new split never arrived"
+        time.sleep(0.5)
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    assert sum(served_by.values()) > 12
+
+    after = asyncio.run(_send(url, [{"model": MODEL, "prompt": "x", "max_tokens": 1}] * 40, concurrency=8))
+    assert {r.headers["x-strata-variant"] for r in after} == {"fast"}
+    assert {v: model_stats(v)["replica"] for v in ("stable", "fast")} == replicas_before
+    assert httpx.get(served["url"] + "/health").json()["replica"] == router_before
+
+    deploy.set_weights(served["dashboard"], APP, {"stable": 90, "fast": 10})
+    with pytest.raises(ValueError, match="unknown variants"):
+        deploy.set_weights(served["dashboard"], APP, {"stable": 50, "canary": 50})
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot(served):
+    cancelled_before = model_stats("stable")["cancelled"]
+    body = {"model": f"{MODEL}:stable", "prompt": "def f():\n", "max_tokens": 64, "stream": True, "stop": ["never!"]}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", served["url"] + "/v1/completions", json=body, headers=auth()) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 30
+    while True:
+        stats = model_stats("stable")
+        if stats["cancelled"] > cancelled_before and stats["running"] == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_metrics_reach_prometheus_format(served):
+    """Per-variant router metrics and per-replica engine metrics, as Ray exports them for Prometheus."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = [
+        "ray_strata_router_requests_total{",
+        "ray_strata_router_time_to_first_token_seconds_bucket",
+        "ray_strata_serve_time_to_first_token_seconds_bucket",
+        "ray_strata_serve_time_per_output_token_seconds_bucket",
+        "ray_strata_serve_batch_size",
+        "ray_strata_serve_queue_length",
+        "ray_strata_serve_generated_tokens_total",
+        "ray_strata_serve_expert_tokens_total",
+    ]
+    httpx.post(served["url"] + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}, headers=auth())
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        missing = [name for name in wanted if name not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, missing
+        time.sleep(2)
+    assert 'variant="stable"' in text and 'expert="0"' in text
+
+
+def test_checked_in_ab_config_is_valid():
+    from strata.config import ServeConfig
+    from strata.serve.routing import Split
+
+    config = yaml.safe_load((ROOT / "serve_apps/ab.yaml").read_text())
+    [app] = config["applications"]
+    assert app["import_path"] == "serve_apps.ab:build_app"
+    parsed = ServeConfig.model_validate(app["args"])
+    [router] = [d for d in app["deployments"] if d["name"] == "Router"]
+    Split(router["user_config"]["weights"], [v.name for v in parsed.variants])
+
+
+def test_serve_config_errors_name_the_field():
+    from pydantic import ValidationError
+
+    from strata.config import ServeConfig
+
+    variants = [{"name": "stable", "model": "models:/m/1"}]
+    with pytest.raises(ValidationError, match="variants.0.num_replicas"):
+        ServeConfig.model_validate({"model_name": "m", "variants": [{**variants[0], "num_replicas": 0}]})
+    with pytest.raises(ValidationError, match="unknown variants"):
+        ServeConfig.model_validate({"model_name": "m", "variants": variants, "weights": {"canary": 1}})
+    with pytest.raises(ValidationError, match="variants.0.engine.max_batch_sise"):
+        ServeConfig.model_validate({"model_name": "m", "variants": [{**variants[0], "engine": {"max_batch_sise": 4}}]})
