@@ -38,7 +38,7 @@ def served(ray_session, tiny_base, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from strata import registry, tracking
-    from strata.config import AuthSettings, AuditSettings, EngineSettings, ServeConfig
+    from strata.config import AuditSettings, AuthSettings, EngineSettings, ServeConfig
     from strata.serve import deploy
     from strata.serve.auth import key_id
 
@@ -405,3 +405,36 @@ def test_serve_config_errors_name_the_field():
         ServeConfig.model_validate({"model_name": "m", "variants": variants, "weights": {"canary": 1}})
     with pytest.raises(ValidationError, match="variants.0.engine.max_batch_sise"):
         ServeConfig.model_validate({"model_name": "m", "variants": [{**variants[0], "engine": {"max_batch_sise": 4}}]})
+
+
+@pytest.mark.slow
+def test_deploy_and_split_commands(served, capsys):
+    """`jobs/deploy.py` (= `strata deploy`) pins the aliases' versions, deploys beside running apps, and `strata
+    split` moves all traffic live. Runs last: it replaces the module's application on the same route."""
+    from ray import serve
+
+    from strata.cli import main
+
+    serve.delete(APP)
+    keys_file = served["home"] / "keys.txt"
+    out = served["home"] / "deployed.yaml"
+    argv = ["deploy", "--model", MODEL, "--split", "stable=50,fast=50", "--app", "cli", "--num-cpus", "0.5"]
+    assert main([*argv, "--keys-file", str(keys_file), "--out", str(out), "--max-batch-size", "8"]) == 0
+    [app] = yaml.safe_load(out.read_text())["applications"]
+    assert [v["model"] for v in app["args"]["variants"]] == [f"models:/{MODEL}/1", f"models:/{MODEL}/2"]
+    assert app["deployments"] == [{"name": "Router", "user_config": {"weights": {"stable": 50.0, "fast": 50.0}}}]
+
+    url = served["url"] + "/v1/completions"
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    counts = collections.Counter(r.headers["x-strata-variant"] for r in asyncio.run(_send(url, [body] * 40, 8)))
+    assert counts == {"stable": 20, "fast": 20}
+
+    assert main(["split", "--app", "cli", "stable=0,fast=1"]) == 0
+    deadline = time.monotonic() + 60
+    while httpx.get(served["url"] + "/health").json()["split"]["fast"] != 1.0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert {r.headers["x-strata-variant"] for r in asyncio.run(_send(url, [body] * 20, 8))} == {"fast"}
+
+    assert main(["split", "--app", "cli", "stable=1,nope=1"]) == 2
+    assert "unknown variants" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -116,6 +117,104 @@ def cmd_spot_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Write a `serve deploy` config for registry aliases and a split, deploy it, and print the base URL."""
+    import yaml
+    from pydantic import ValidationError
+
+    from strata import paths, tracking
+    from strata.config import AuthSettings, EngineSettings, ServeConfig
+    from strata.serve import deploy
+    from strata.serve.auth import KEYS_ENV
+    from strata.serve.routing import parse_split
+
+    try:
+        weights = parse_split(args.split)
+    except ValueError as err:
+        raise ConfigError(f"--split: {err}") from None
+    tracking_uri = tracking.use_store()
+    try:
+        variants = deploy.variants_from_aliases(
+            args.model,
+            list(weights),
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            engine=EngineSettings(max_batch_size=args.max_batch_size),
+        )
+        keys_file = args.keys_file or _default_keys_file()
+        config = ServeConfig(
+            model_name=args.model,
+            variants=variants,
+            weights=weights,
+            tracking_uri=tracking_uri,
+            auth=AuthSettings(api_keys_file=str(Path(keys_file).resolve()) if keys_file else None),
+            audit={"path": paths.resolve("logs/audit.jsonl")},
+        )
+    except (ValueError, ValidationError) as err:
+        raise ConfigError(str(err)) from None
+    for variant in variants:
+        console.print(f"  {variant.name}: {variant.model} (weight {weights[variant.name]:g})")
+
+    dashboard = deploy.connect(args.address, num_cpus=args.cluster_cpus)
+    serve_config = deploy.deploy_application(
+        dashboard, deploy.application(config, args.app, args.route_prefix), args.port
+    )
+    out = Path(args.out or paths.resolve(f"serve/{args.app}.yaml"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(serve_config, sort_keys=False))
+    console.print(f"wrote the deployed config to {out} (`serve deploy {out}` re-applies it)")
+    with console.status(f"deploying {args.app!r} on {dashboard}") as status:
+        deploy.wait_until_running(dashboard, args.app, on_poll=lambda s: status.update(f"{args.app}: {s}"))
+    port = serve_config["http_options"]["port"]
+    base_url = f"http://127.0.0.1:{port}{args.route_prefix.rstrip('/')}/v1"
+    console.print(f"[green]serving[/green] {args.model} at {base_url}")
+    key_hint = f"$(head -1 {keys_file})" if keys_file else "${" + KEYS_ENV + "%%,*}"
+    console.print(
+        f"  curl {base_url}/completions -H 'Authorization: Bearer {key_hint}' "
+        f'-H \'Content-Type: application/json\' -d \'{{"model": "{args.model}", "prompt": "def "}}\'',
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"  change the split live: strata split --app {args.app} {','.join(weights)}=...")
+    return 0
+
+
+def _default_keys_file() -> str | None:
+    """$STRATA_API_KEYS if set; otherwise a keys file under $STRATA_HOME, made once with a fresh key."""
+    import secrets
+
+    from strata import paths
+    from strata.serve.auth import KEYS_ENV
+
+    if os.environ.get(KEYS_ENV):
+        return None
+    keys_file = Path(paths.resolve("serve/keys.txt"))
+    if not keys_file.exists():
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
+        keys_file.write_text(f"sk-strata-{secrets.token_hex(16)}\n")
+        keys_file.chmod(0o600)
+        console.print(f"created an API key in {keys_file}")
+    return str(keys_file)
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    """Change a running application's split live (the router reconfigures; nothing restarts)."""
+    from strata.serve import deploy
+    from strata.serve.routing import parse_split
+
+    try:
+        weights = parse_split(args.weights)
+        dashboard = deploy.connect(args.address, start_if_none=False)
+        deploy.set_weights(dashboard, args.app, weights)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    with console.status(f"applying the split to {args.app!r}"):
+        deploy.wait_until_running(dashboard, args.app)
+    total = sum(weights.values())
+    console.print(f"{args.app}: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in weights.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--metadata-url", default="http://169.254.169.254", help="instance metadata service")
     watch.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")
     watch.set_defaults(func=cmd_spot_watch)
+
+    dep = sub.add_parser("deploy", help="serve registry aliases behind an OpenAI API with a weighted A/B split")
+    dep.add_argument("--model", required=True, help="registered model name")
+    dep.add_argument("--split", required=True, help="ALIAS=WEIGHT,..., e.g. stable=90,fast=10")
+    dep.add_argument("--app", default="strata", help="Serve application name")
+    dep.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve proxy, if Serve is not running")
+    dep.add_argument("--route-prefix", default="/", help="URL prefix of this application")
+    dep.add_argument("--num-cpus", type=float, default=1, help="CPUs per model replica")
+    dep.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica")
+    dep.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per replica")
+    dep.add_argument("--keys-file", help="API keys, one per line (default: $STRATA_API_KEYS, else a new file)")
+    dep.add_argument("--out", help="where to write the serve deploy config (default: $STRATA_HOME/serve/APP.yaml)")
+    dep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, a local cluster, else a new one)")
+    dep.add_argument("--cluster-cpus", type=int, help="CPUs of the local cluster, if one has to be started")
+    dep.set_defaults(func=cmd_deploy)
+
+    split = sub.add_parser("split", help="change a deployed application's split live")
+    split.add_argument("weights", help="VARIANT=WEIGHT,..., e.g. stable=50,fast=50")
+    split.add_argument("--app", default="strata")
+    split.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
+    split.set_defaults(func=cmd_split)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     ui.add_argument("--port", type=int, default=5000)

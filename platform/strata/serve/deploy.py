@@ -9,10 +9,13 @@ with `reconfigure` on the live router: no replica restarts and no request in fli
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -47,10 +50,6 @@ def application(config: ServeConfig, name: str = "strata", route_prefix: str = "
         "args": args,
         "deployments": [{"name": ROUTER, "user_config": {"weights": config.initial_weights}}],
     }
-
-
-def serve_config(applications: list[dict[str, Any]], host: str = "0.0.0.0", port: int = 8000) -> dict[str, Any]:
-    return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port}, "applications": applications}
 
 
 def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
@@ -99,5 +98,40 @@ def set_weights(dashboard_url: str, app: str, weights: dict[str, float]) -> dict
     deployments = [d for d in entry.get("deployments", []) if d["name"] != ROUTER]
     router = next((d for d in entry.get("deployments", []) if d["name"] == ROUTER), {"name": ROUTER})
     entry["deployments"] = [*deployments, {**router, "user_config": {"weights": weights}}]
+    deploy(dashboard_url, config)
+    return config
+
+
+def connect(address: str | None = None, start_if_none: bool = True, num_cpus: int | None = None) -> str:
+    """Join the Ray cluster (this driver's, `address`, $RAY_ADDRESS, or one running on this machine) and return its
+    dashboard URL, which `serve deploy` talks to.
+
+    With none running, start one with `ray start --head`: unlike a driver's own `ray.init`, it outlives this
+    process, so the application keeps serving after the deploy command exits."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=address or "auto", log_to_driver=False)
+        except ConnectionError:
+            if address or not start_if_none:
+                raise
+            command = ["ray", "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+            if num_cpus:
+                command += ["--num-cpus", str(num_cpus)]
+            subprocess.run(command, check=True, capture_output=True, text=True)
+            ray.init(address="auto", log_to_driver=False)
+    url = ray._private.worker.get_dashboard_url()  # no public API names a joined cluster's dashboard
+    if not url:
+        raise RuntimeError("the Ray cluster has no dashboard, which `serve deploy` needs (start it with one)")
+    return url if "://" in url else f"http://{url}"
+
+
+def deploy_application(dashboard_url: str, entry: dict[str, Any], port: int = 8000) -> dict[str, Any]:
+    """Add or replace one application, keeping the others running; returns the whole config deployed.
+    Serve's HTTP options are set only if Serve is not running yet (they cannot change under running apps)."""
+    config = running_config(dashboard_url)
+    config["applications"] = [a for a in config["applications"] if a["name"] != entry["name"]] + [entry]
+    config.setdefault("http_options", {"host": "0.0.0.0", "port": port})
+    config.setdefault("proxy_location", "EveryNode")
     deploy(dashboard_url, config)
     return config
