@@ -70,7 +70,11 @@ def test_greedy_matches_generate_while_requests_join_and_leave(model_and_tokeniz
     for (prompt, params), collector in zip(requests, collectors, strict=True):
         assert collector.text == reference(model, tokenizer, prompt, params.max_tokens), prompt
         assert collector.outputs[-1].finish_reason in {"length", "stop"}
-    assert engine.stats() == {"running": 0, "waiting": 0, "finished": len(PROMPTS), "cancelled": 0}
+    stats = engine.stats()
+    assert (stats["running"], stats["waiting"], stats["finished"], stats["cancelled"]) == (0, 0, len(PROMPTS), 0)
+    assert stats["tokens"] == sum(
+        c.outputs[-1].completion_tokens + (c.outputs[-1].finish_reason == "stop") for c in collectors
+    )
     assert engine.cache is None
 
 
@@ -107,12 +111,13 @@ def test_cancel_frees_the_slot(model_and_tokenizer):
     with torch.inference_mode():
         for _ in range(3):
             engine.step()
-        assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 1
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (1, 1)
         engine.cancel(long_request)
         for _ in range(5):
             engine.step()
     assert second.done.is_set() and not first.done.is_set()
-    assert engine.stats() == {"running": 0, "waiting": 0, "finished": 1, "cancelled": 1}
+    stats = engine.stats()
+    assert (stats["running"], stats["waiting"], stats["finished"], stats["cancelled"]) == (0, 0, 1, 1)
 
 
 def test_prompt_over_the_context_is_refused(model_and_tokenizer):

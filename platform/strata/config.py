@@ -377,6 +377,12 @@ class EngineSettings(StrictModel):
     stream_interval_s: float = Field(
         0.02, ge=0, description="Streamed tokens are sent at most this often (the first one at once)."
     )
+    stream_chunks_per_s: float = Field(
+        200,
+        gt=0,
+        description="Chunks a replica streams per second across all its requests: with many streams each one's "
+        "interval grows, so the cost of streaming stays bounded while the batch grows.",
+    )
     torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
 

@@ -113,6 +113,7 @@ class ModelServer:
         model, self.tokenizer, self.info = load_for_serving(self.config)
         self.experts = ExpertLoadRecorder(model)
         self._experts_reported = None
+        self.streams = 0  # requests being streamed now
         self.engine = Engine(model, self.tokenizer, self.config.engine.max_batch_size, on_step=self._record_step)
         threading.Thread(target=self.engine.run, name="strata-engine", daemon=True).start()
 
@@ -178,6 +179,7 @@ class ModelServer:
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         request_id = self.engine.submit(ids, params, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
         finished, first_at = False, None
+        self.streams += 1
         try:
             while not finished:
                 batch = [await outputs.get()]
@@ -194,15 +196,20 @@ class ModelServer:
                     "prompt_tokens": last.prompt_tokens,
                     "completion_tokens": last.completion_tokens,
                 }
-                if not finished and self.config.engine.stream_interval_s:
-                    await asyncio.sleep(self.config.engine.stream_interval_s)  # let tokens gather into one chunk
+                if not finished:
+                    await asyncio.sleep(self._stream_interval())  # let tokens gather into one chunk
             if last.completion_tokens > 1:
                 self.tpot.observe((time.perf_counter() - first_at) / (last.completion_tokens - 1))
             self.requests.inc(tags={"finish_reason": last.finish_reason})
         finally:
+            self.streams -= 1
             if not finished:  # the caller went away: free the batch slot
                 self.engine.cancel(request_id)
                 self.requests.inc(tags={"finish_reason": "cancelled"})
+
+    def _stream_interval(self) -> float:
+        settings = self.config.engine
+        return max(settings.stream_interval_s, self.streams / settings.stream_chunks_per_s)
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "info": self.info, "replica": serve.get_replica_context().replica_id.unique_id}

@@ -56,6 +56,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted_chars: int = 0
+    prefix_offset: int = 0  # incremental detokenization: `text` covers generated[:read_offset]
+    read_offset: int = 0
     cancelled: bool = False
 
     @property
@@ -111,6 +113,9 @@ class Engine:
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # sampled, not yet fed
         self.finished = 0
         self.cancelled = 0
+        self.steps = 0
+        self.tokens = 0  # generated, including those of cancelled requests
+        self.busy_seconds = 0.0
 
     # -- API used by other threads ------------------------------------------------------------------------------
 
@@ -142,7 +147,15 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self._lock:
             waiting = len(self._waiting)
-        return {"running": len(self.rows), "waiting": waiting, "finished": self.finished, "cancelled": self.cancelled}
+        return {
+            "running": len(self.rows),
+            "waiting": waiting,
+            "finished": self.finished,
+            "cancelled": self.cancelled,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "busy_seconds": self.busy_seconds,
+        }
 
     def run(self) -> None:
         """The scheduler loop: sleeps while idle, otherwise one `step` after another until `stop`."""
@@ -169,6 +182,9 @@ class Engine:
             self._prefill(group)
         new_tokens = len(self.rows)
         self._retire()
+        self.steps += 1
+        self.tokens += new_tokens
+        self.busy_seconds += time.perf_counter() - started
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
@@ -292,31 +308,35 @@ class Engine:
     def _emit(self, sequence: Sequence) -> str | None:
         params = sequence.params
         finish = None
-        token = sequence.generated[-1]
-        if token in self.eos_token_ids:
+        if sequence.generated[-1] in self.eos_token_ids:
             sequence.generated.pop()
             finish = "stop"
-        sequence.text = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+        elif len(sequence.generated) >= params.max_tokens or sequence.length >= self.max_context:
+            finish = "length"
+        self._detokenize(sequence, final=finish is not None)
         if params.stop:
             window = max(0, sequence.emitted_chars - max(len(s) for s in params.stop))
             hits = [i for i in (sequence.text.find(s, window) for s in params.stop) if i >= 0]
             if hits:
                 sequence.text = sequence.text[: min(hits)]
                 finish = "stop"
-        if finish is None and len(sequence.generated) >= params.max_tokens:
-            finish = "length"
-        if finish is None and sequence.length >= self.max_context:
-            finish = "length"
-        # While running, hold back what could still turn into a stop string or an incomplete UTF-8 character.
         ready = len(sequence.text)
-        if finish is None:
+        if finish is None:  # hold back what could still become a stop string
             ready -= max((len(s) - 1 for s in params.stop), default=0)
-            while ready > sequence.emitted_chars and sequence.text[ready - 1] == "\ufffd":
-                ready -= 1
         delta = sequence.text[sequence.emitted_chars : max(ready, sequence.emitted_chars)]
         sequence.emitted_chars += len(delta)
         sequence.sink(Output(delta, 1, finish, len(sequence.prompt_ids), len(sequence.generated)))
         return finish
+
+    def _detokenize(self, sequence: Sequence, final: bool) -> None:
+        """Incremental detokenization (as vLLM does it): decode only the tokens since the last complete text, with a
+        few tokens of left context, and wait while the new tokens end inside a multi-byte character."""
+        ids = sequence.generated
+        before = self.tokenizer.decode(ids[sequence.prefix_offset : sequence.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[sequence.prefix_offset :], skip_special_tokens=True)
+        if final or (len(after) > len(before) and not after.endswith("\ufffd")):
+            sequence.text += after[len(before) :]
+            sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(ids)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

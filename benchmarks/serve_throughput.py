@@ -1,0 +1,342 @@
+"""Serving throughput: Strata's continuous batching behind the real HTTP endpoint, against transformers `generate`.
+
+On the same model (an MoE preset, `small` by default, with a locally trained tokenizer) and the same requests
+(greedy, varied prompt lengths, up to --max-tokens new tokens each, so every side generates exactly the same
+tokens), at 1, 8 and 32 concurrent clients:
+
+  (a) transformers `generate`, one request at a time, in this process;
+  (b) `generate` on static batches of the same requests (one batch per round of clients): the upper bound for
+      batched decoding, since it has no scheduler, no HTTP and no streaming;
+  (c) Strata: `concurrency` streaming clients on the OpenAI endpoint (router -> model replica), each sending
+      --rounds requests one after another. TTFT is what the clients see: the time to the first streamed token.
+
+Generated tokens/s counts real tokens (up to EOS) on every side. Targets at 32 clients: (c) >= 10x (a) and
+(c) >= 0.7x (b). It also measures the router's added latency: one-token completions through the router (with
+auth, split and audit) against the same request straight to a model deployment, interleaved; target <= 2 ms p50.
+
+The baselines run in this process with all the machine's threads; the model replica shares the machine with the
+HTTP proxy, the router and the clients. Timings are reported, never asserted.
+
+    python benchmarks/serve_throughput.py [--max-tokens 64] [--rounds 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import serve  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from strata.config import DataConfig, EngineSettings, ServeConfig  # noqa: E402
+from strata.data.prepare import prepare_data  # noqa: E402
+from strata.data.tokenizer import load_tokenizer  # noqa: E402
+from strata.models.presets import build_model  # noqa: E402
+from strata.runtime import strata_runtime_env  # noqa: E402
+from strata.serve.deployments import ModelServer, build_application  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+THREADS = 2  # torch threads for the baselines and for the model replica
+CONCURRENCY = (1, 8, 32)
+TARGET_VS_SEQUENTIAL = 10.0
+TARGET_VS_STATIC = 0.7
+TARGET_ROUTER_MS = 2.0
+API_KEY = "sk-bench-0123456789abcdef"
+
+
+def build_base(directory: Path, preset: str, console: Console) -> Path:
+    data = DataConfig(data_dir=str(directory / "data"), max_files=120, vocab_size=1024, seq_len=64)
+    with console.status("corpus + tokenizer (120 stdlib files)"):
+        prepared = prepare_data(data, Console(quiet=True))
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    model_dir = directory / preset
+    build_model(preset, len(tokenizer), special, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def make_prompts(tokenizer, count: int, seed: int = 0) -> list[str]:
+    """Snippets of this repository's own Python, 8 to 48 tokens long."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "platform" / "strata").rglob("*.py")))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        start, length = rng.randrange(len(ids) - 64), rng.randint(8, 48)
+        prompts.append(tokenizer.decode(ids[start : start + length]))
+    return prompts
+
+
+def real_tokens(ids: list[int], eos: int) -> int:
+    """Tokens before EOS (what Strata reports as completion_tokens)."""
+    return ids.index(eos) if eos in ids else len(ids)
+
+
+@torch.inference_mode()
+def sequential(model, tokenizer, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    tokens, started = 0, time.perf_counter()
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        tokens += real_tokens(out[0, ids.shape[1] :].tolist(), tokenizer.eos_token_id)
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+@torch.inference_mode()
+def static_batches(model, tokenizer, prompts: list[str], batch: int, max_tokens: int) -> dict[str, float]:
+    tokens, started = 0, time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        width = enc.input_ids.shape[1]
+        tokens += sum(real_tokens(row[width:].tolist(), tokenizer.eos_token_id) for row in out)
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """`concurrency` streaming clients, each sending its share of `prompts` one after another."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient, mine: list[str]) -> None:
+        nonlocal tokens
+        for prompt in mine:
+            body = {
+                "model": "bench:stable",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            sent, first = time.perf_counter(), None
+            async with http.stream("POST", url, json=body, headers=headers) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if first is None and chunk["choices"]:
+                        first = time.perf_counter()
+                        ttfts.append(first - sent)
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=600) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http, prompts[i::concurrency]) for i in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def router_overhead(base_url: str, requests: int) -> dict[str, float]:
+    """One-token completions, alternating router (pinned variant) and the direct deployment."""
+    body = {"prompt": "def f(x):", "max_tokens": 1, "temperature": 0}
+    latencies: dict[str, list[float]] = {"router": [], "direct": []}
+    with httpx.Client(timeout=60) as http:
+        for i in range(requests + 20):
+            for name, url, extra in (
+                ("router", f"{base_url}/v1/completions", {"model": "bench:stable"}),
+                ("direct", f"{base_url}/direct/v1/completions", {"model": "bench"}),
+            ):
+                started = time.perf_counter()
+                response = http.post(url, json={**body, **extra}, headers={"Authorization": f"Bearer {API_KEY}"})
+                response.raise_for_status()
+                if i >= 20:  # warmup
+                    latencies[name].append(time.perf_counter() - started)
+    router, direct = (statistics.median(latencies[k]) * 1000 for k in ("router", "direct"))
+    return {"router_p50_ms": router, "direct_p50_ms": direct, "added_p50_ms": router - direct}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (fewer at EOS)")
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--latency-requests", type=int, default=200, help="requests per side for router latency")
+    parser.add_argument("--stream-interval", type=float, default=EngineSettings().stream_interval_s)
+    parser.add_argument("--preset", default="small", choices=["tiny", "small"], help="model preset")
+    parser.add_argument("--replica-threads", type=int, default=1, help="torch threads of the model replica")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's gRPC transport between deployments, ...)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve_throughput.json", help="JSON file")
+    args = parser.parse_args()
+    if args.max_tokens <= 0 or args.rounds <= 0:
+        parser.error("--max-tokens and --rounds must be positive")
+
+    began = time.perf_counter()
+    console = Console()
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_base(Path(tmp), args.preset, console)
+        keys = Path(tmp) / "keys.txt"
+        keys.write_text(API_KEY + "\n")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+
+        if args.throughput_optimized:
+            os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Ray process this driver starts
+        ray.init(address="local", num_cpus=THREADS + 1, include_dashboard=False, runtime_env=strata_runtime_env())
+        port = 8000 + random.randrange(1000)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        engine = EngineSettings(
+            max_batch_size=max(CONCURRENCY), torch_threads=args.replica_threads, stream_interval_s=args.stream_interval
+        )
+        variant = {"name": "stable", "model": str(model_dir), "num_cpus": 1, "engine": engine}
+        config = ServeConfig(
+            model_name="bench",
+            variants=[variant],
+            auth={"api_keys_file": str(keys), "requests_per_minute": 1e9, "burst": 1_000_000},
+            audit={"path": str(Path(tmp) / "audit.jsonl")},
+            router_num_cpus=0,
+        )
+        with console.status("deploying the router + model replica, and a direct model deployment"):
+            serve.run(build_application(config), name="bench", route_prefix="/")
+            direct = ModelServer.options(name="direct", ray_actor_options={"num_cpus": 0})
+            serve.run(
+                direct.bind("bench", config.variants[0].model_dump(), None), name="direct", route_prefix="/direct"
+            )
+        base_url = f"http://127.0.0.1:{port}"
+
+        levels = {}
+        for concurrency in CONCURRENCY:
+            prompts = make_prompts(tokenizer, concurrency * args.rounds, seed=concurrency)
+            asyncio.run(strata_clients(f"{base_url}/v1/completions", prompts[:concurrency], concurrency, 8))  # warm
+            with console.status(f"{concurrency} clients: (a) generate one at a time"):
+                a = sequential(model, tokenizer, prompts, args.max_tokens)
+            with console.status(f"{concurrency} clients: (b) generate, static batches of {concurrency}"):
+                b = static_batches(model, tokenizer, prompts, concurrency, args.max_tokens)
+            with console.status(f"{concurrency} clients: (c) Strata over HTTP"):
+                c = asyncio.run(strata_clients(f"{base_url}/v1/completions", prompts, concurrency, args.max_tokens))
+            levels[concurrency] = {
+                "requests": len(prompts),
+                "sequential_generate": a,
+                "static_batch_generate": b,
+                "strata": c,
+                "strata_vs_sequential": c["tokens_per_s"] / a["tokens_per_s"],
+                "strata_vs_static_batch": c["tokens_per_s"] / b["tokens_per_s"],
+            }
+            console.print(
+                f"{concurrency:>2} clients: (a) {a['tokens_per_s']:,.0f}  (b) {b['tokens_per_s']:,.0f}  "
+                f"(c) {c['tokens_per_s']:,.0f} tokens/s; TTFT p50 {c['ttft_p50_ms']:.0f} ms"
+            )
+        with console.status(f"router latency: {args.latency_requests} one-token requests each way"):
+            latency = router_overhead(base_url, args.latency_requests)
+        serve.shutdown()
+        ray.shutdown()
+
+    top = levels[max(CONCURRENCY)]
+    results = {
+        "setup": {
+            "model": f"{args.preset} preset (Qwen3-MoE), vocab 1024",
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "torch_threads": THREADS,
+            "stream_interval_s": args.stream_interval,
+            "stream_chunks_per_s": engine.stream_chunks_per_s,
+            "replica_torch_threads": args.replica_threads,
+            "ray_serve_throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1",
+            "max_batch_size": engine.max_batch_size,
+        },
+        "levels": levels,
+        "router_latency": latency,
+        "targets": {
+            "vs_sequential_at_32": {
+                "value": top["strata_vs_sequential"],
+                "target": f">= {TARGET_VS_SEQUENTIAL}",
+                "target_met": top["strata_vs_sequential"] >= TARGET_VS_SEQUENTIAL,
+            },
+            "vs_static_batch_at_32": {
+                "value": top["strata_vs_static_batch"],
+                "target": f">= {TARGET_VS_STATIC}",
+                "target_met": top["strata_vs_static_batch"] >= TARGET_VS_STATIC,
+            },
+            "router_added_p50_ms": {
+                "value": latency["added_p50_ms"],
+                "target": f"<= {TARGET_ROUTER_MS}",
+                "target_met": latency["added_p50_ms"] <= TARGET_ROUTER_MS,
+            },
+        },
+        "seconds": time.perf_counter() - began,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    report(console, results)
+    console.print(f"results: {args.out} ({results['seconds']:.0f} s)")
+
+
+def report(console: Console, results: dict[str, Any]) -> None:
+    table = Table(title="generated tokens/s (greedy, same requests on every side)")
+    for column in (
+        "clients",
+        "(a) one at a time",
+        "(b) static batch",
+        "(c) Strata HTTP",
+        "TTFT p50 / p99",
+        "c/a",
+        "c/b",
+    ):
+        table.add_column(column, justify="right")
+    for concurrency, level in results["levels"].items():
+        c = level["strata"]
+        table.add_row(
+            str(concurrency),
+            f"{level['sequential_generate']['tokens_per_s']:,.0f}",
+            f"{level['static_batch_generate']['tokens_per_s']:,.0f}",
+            f"{c['tokens_per_s']:,.0f}",
+            f"{c['ttft_p50_ms']:.0f} / {c['ttft_p99_ms']:.0f} ms",
+            f"{level['strata_vs_sequential']:.1f}x",
+            f"{level['strata_vs_static_batch']:.2f}x",
+        )
+    console.print(table)
+    latency = results["router_latency"]
+    console.print(
+        f"router: p50 {latency['router_p50_ms']:.1f} ms vs direct {latency['direct_p50_ms']:.1f} ms "
+        f"-> +{latency['added_p50_ms']:.2f} ms"
+    )
+    for name, target in results["targets"].items():
+        verdict = "[green]met[/green]" if target["target_met"] else "[red]missed[/red]"
+        console.print(f"{name}: {target['value']:.2f} (target {target['target']}) {verdict}")
+
+
+if __name__ == "__main__":
+    main()
