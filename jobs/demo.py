@@ -2,9 +2,11 @@
 
 corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers, killing one worker on the way (Ray Train
 restarts the group from the last checkpoint) -> register it in MLflow -> generate -> QLoRA fine-tune of that
-version on docstring -> function pairs -> register the merged model.
+version on docstring -> function pairs -> register the merged model as the next version -> serve both versions
+(aliases `stable` and `fast`) behind one OpenAI endpoint with a 90/10 split, and send them a few hundred requests.
 """
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -17,14 +19,17 @@ import mlflow.pyfunc  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from strata import tracking  # noqa: E402
+from strata import paths, registry, tracking  # noqa: E402
+from strata.cli import main as strata_cli  # noqa: E402
 from strata.config import FinetuneConfig, load_config  # noqa: E402
 from strata.runtime import init_ray  # noqa: E402
+from strata.serve import traffic  # noqa: E402
 from strata.train.faults import WorkerKiller  # noqa: E402
 from strata.train.finetune import run_finetuning  # noqa: E402
 from strata.train.pretrain import run_pretraining  # noqa: E402
 
 PROMPTS = ["def __init__(self", "import os\n", "class Parser:\n    def"]
+SERVE_REQUESTS, SERVE_CLIENTS = 300, 16
 
 
 def main() -> int:
@@ -33,22 +38,25 @@ def main() -> int:
     run_name = time.strftime("pretrain-tiny-demo-%Y%m%d-%H%M%S")
     cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", [f"run_name={run_name}"])
 
-    console.rule("1/4 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
+    console.rule("1/5 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
     init_ray()
     run_dir = Path(cfg.checkpoint.resolved_storage_path) / run_name
     killer = WorkerKiller(run_dir, after_step=100).start()  # a real SIGKILL, as a lost spot node would be
     result = run_pretraining(cfg, console)
     recovery = mlflow.MlflowClient().get_run(result.run_id).data.metrics
 
-    console.rule("2/4 generating from the registered model")
+    console.rule("2/5 generating from the registered model")
     model_uri = f"models:/{cfg.tracking.registered_model}/{result.registered_version}"
     model = mlflow.pyfunc.load_model(model_uri)
     for prompt, text in zip(PROMPTS, model.predict(PROMPTS, params={"max_new_tokens": 32}), strict=False):
         console.print(f"[dim]{prompt!r}[/dim] -> {text!r}", highlight=False)
 
-    console.rule("3/4 QLoRA fine-tuning of the registered model")
+    console.rule("3/5 QLoRA fine-tuning of the registered model")
     stamp = run_name.removeprefix("pretrain-tiny-demo-")
-    ft_cfg = load_config(ROOT / "configs/finetune-qlora-tiny.yaml", [f"base_model={model_uri}"], FinetuneConfig)
+    # The fine-tuned model becomes the next version of the same registered model: the candidate release.
+    model_name = cfg.tracking.registered_model
+    overrides = [f"base_model={model_uri}", f"tracking.registered_model={model_name}"]
+    ft_cfg = load_config(ROOT / "configs/finetune-qlora-tiny.yaml", overrides, FinetuneConfig)
     ft_cfg = ft_cfg.model_copy(update={"run_name": f"{ft_cfg.resolved_run_name}-{stamp}"})
     tuned = run_finetuning(ft_cfg, console)
     for sample in tuned.samples:
@@ -56,7 +64,35 @@ def main() -> int:
         console.print(f"  base:       {sample['base_output']!r}", highlight=False)
         console.print(f"  fine-tuned: {sample['finetuned_output']!r}", highlight=False)
 
-    console.rule("4/4 summary")
+    console.rule("4/5 serving stable (pretrained) and fast (fine-tuned), split 90/10")
+    registry.set_alias(model_name, "stable", result.registered_version)
+    registry.set_alias(model_name, "fast", tuned.registered_version)
+    port = free_port()
+    deployed = strata_cli(
+        ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "0.5", "--port", str(port)]
+    )
+    if deployed != 0:
+        return deployed
+    api_key = Path(paths.resolve("serve/keys.txt")).read_text().split()[0]
+    samples = traffic.send(f"http://127.0.0.1:{port}/v1", api_key, model_name, SERVE_REQUESTS, SERVE_CLIENTS)
+    served = traffic.summarize(samples)
+    split_table = Table(title=f"{SERVE_REQUESTS} requests from {SERVE_CLIENTS} concurrent clients")
+    for column in ("variant", "requests", "share", "errors", "latency p50", "p95", "TTFT p50 (streamed)", "tokens"):
+        split_table.add_column(column, justify="right")
+    for variant, row in served.items():
+        split_table.add_row(
+            variant,
+            str(row["requests"]),
+            f"{row['share']:.0%}",
+            str(row["errors"]),
+            f"{row['latency_p50_ms']:.0f} ms",
+            f"{row['latency_p95_ms']:.0f} ms",
+            f"{row['ttft_p50_ms']:.0f} ms",
+            str(row["tokens"]),
+        )
+    console.print(split_table)
+
+    console.rule("5/5 summary")
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -84,11 +120,24 @@ def main() -> int:
         "fine-tuned model",
         f"models:/{ft_cfg.tracking.registered_model}/{tuned.registered_version}  (run {tuned.run_name})",
     )
+    table.add_row(
+        "serving",
+        f"http://127.0.0.1:{port}/v1: stable = v{result.registered_version}, fast = v{tuned.registered_version}; "
+        + ", ".join(f"{v} {row['share']:.0%}" for v, row in served.items())
+        + f" of {SERVE_REQUESTS} requests, {sum(r['errors'] for r in served.values())} errors",
+    )
+    table.add_row("audit log", paths.resolve("logs/audit.jsonl"))
     table.add_row("MLflow store", tracking.tracking_uri())
     table.add_row("open the UI", "make ui   (or: .venv/bin/strata ui), then http://127.0.0.1:5000")
     table.add_row("wall time", f"{time.perf_counter() - started:.0f}s")
     console.print(table)
     return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
