@@ -147,7 +147,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             variants=variants,
             weights=weights,
             tracking_uri=tracking_uri,
-            auth=AuthSettings(api_keys_file=str(Path(keys_file).resolve()) if keys_file else None),
+            auth=AuthSettings(
+                api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
+                requests_per_minute=args.requests_per_minute,
+                burst=args.burst,
+            ),
             audit={"path": paths.resolve("logs/audit.jsonl")},
         )
     except (ValueError, ValidationError) as err:
@@ -169,13 +173,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     base_url = f"http://127.0.0.1:{port}{args.route_prefix.rstrip('/')}/v1"
     console.print(f"[green]serving[/green] {args.model} at {base_url}")
     key_hint = f"$(head -1 {keys_file})" if keys_file else "${" + KEYS_ENV + "%%,*}"
+    body = f'{{"model": "{args.model}", "prompt": "def "}}'
     console.print(
-        f"  curl {base_url}/completions -H 'Authorization: Bearer {key_hint}' "
-        f'-H \'Content-Type: application/json\' -d \'{{"model": "{args.model}", "prompt": "def "}}\'',
+        f"""  curl {base_url}/completions -H "Authorization: Bearer {key_hint}" -H 'Content-Type: application/json' """
+        f"-d '{body}'",
         highlight=False,
         soft_wrap=True,
     )
-    console.print(f"  change the split live: strata split --app {args.app} {','.join(weights)}=...")
+    even = ",".join(f"{name}={100 // len(weights)}" for name in weights)
+    console.print(f"  change the split live: strata split --app {args.app} {even}", highlight=False)
     return 0
 
 
@@ -255,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--num-cpus", type=float, default=1, help="CPUs per model replica")
     dep.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica")
     dep.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per replica")
+    dep.add_argument("--requests-per-minute", type=float, default=600, help="rate limit per API key")
+    dep.add_argument("--burst", type=int, default=60, help="requests a key may send at once")
     dep.add_argument("--keys-file", help="API keys, one per line (default: $STRATA_API_KEYS, else a new file)")
     dep.add_argument("--out", help="where to write the serve deploy config (default: $STRATA_HOME/serve/APP.yaml)")
     dep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, a local cluster, else a new one)")

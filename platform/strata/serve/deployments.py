@@ -335,9 +335,13 @@ class Router:
         try:
             async for chunk in stream:
                 text, last = text + chunk["text"], chunk
-        except Exception:
-            record.status = 500
+        except asyncio.CancelledError:
+            record.status = 499  # client closed the request
+            stream.cancel()
             raise
+        except Exception as err:
+            record.status = 500
+            return JSONResponse(ApiError(500, f"generation failed: {err}").body(), status_code=500)
         finally:
             self._finish(record, last, text)
         usage = protocol.usage(last["prompt_tokens"], last["completion_tokens"])

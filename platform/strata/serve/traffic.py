@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -82,7 +83,8 @@ def send(
 
 
 def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
-    """Per variant: requests, share, errors, latency p50/p95 (ms), TTFT p50 (ms, streamed requests)."""
+    """Per variant ("-" for requests refused before one was chosen): requests, share, errors by status,
+    latency p50/p95 (ms), TTFT p50 (ms, streamed requests), generated tokens."""
     summary = {}
     for variant in sorted({s.variant for s in samples}):
         mine = [s for s in samples if s.variant == variant]
@@ -93,6 +95,7 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
             "requests": len(mine),
             "share": len(mine) / len(samples),
             "errors": len(mine) - len(ok),
+            "error_statuses": dict(collections.Counter(s.status for s in mine if s.status != 200)),
             "latency_p50_ms": statistics.median(latencies),
             "latency_p95_ms": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
             "ttft_p50_ms": statistics.median(ttfts) if ttfts else float("nan"),
