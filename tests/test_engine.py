@@ -129,3 +129,30 @@ def test_prompt_over_the_context_is_refused(model_and_tokenizer):
 
 def test_buckets_are_powers_of_two():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 100)] == [1, 2, 4, 4, 8, 8, 16, 128]
+
+
+def test_a_failing_model_ends_every_request_with_an_error(model_and_tokenizer):
+    """A real fault in the model's forward (here: its weights replaced by a wrongly shaped tensor) must not leave
+    clients waiting forever: every request in the engine ends with "error" and new ones are refused."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    collectors = [Collector() for _ in range(3)]
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    for collector in collectors:
+        engine.submit(ids, SamplingParams(max_tokens=50, temperature=0.0), collector)
+    thread = threading.Thread(target=engine.run)
+    layer = model.model.layers[0].self_attn.q_proj
+    weight = layer.weight
+    with torch.inference_mode():
+        engine.step()  # two requests running, one waiting
+    layer.weight = torch.nn.Parameter(torch.zeros(3, 3))  # the fault
+    try:
+        thread.start()
+        thread.join(timeout=30)
+    finally:
+        layer.weight = weight
+    assert not thread.is_alive()
+    assert all(c.done.is_set() and c.outputs[-1].finish_reason == "error" for c in collectors)
+    assert "RuntimeError" in engine.failure
+    with pytest.raises(RuntimeError, match="stopped after a failure"):
+        engine.submit(ids, SamplingParams(max_tokens=1), Collector())

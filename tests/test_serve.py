@@ -8,6 +8,7 @@ import asyncio
 import collections
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -62,7 +63,7 @@ def served(ray_session, tiny_base, tmp_path_factory):
 
     keys_file = home / "keys.txt"
     keys_file.write_text("# test keys\n" + "\n".join(KEYS.values()) + "\n")
-    engine = EngineSettings(max_batch_size=16, max_tokens_limit=64, stream_interval_s=0.0)
+    engine = EngineSettings(max_batch_size=16, max_tokens_limit=480, stream_interval_s=0.0)
     config = ServeConfig(
         model_name=MODEL,
         variants=deploy.variants_from_aliases(MODEL, ["stable", "fast"], num_cpus=0.5, engine=engine),
@@ -182,7 +183,7 @@ BAD_REQUESTS = [
         "context_length_exceeded",
     ),
     ("max_tokens 0", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens over limit", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ("max_tokens over limit", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 481}, 400, "max_tokens"),
     ("wrong type", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("bool as int", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
@@ -338,7 +339,8 @@ def test_live_weight_change_restarts_nothing_and_fails_no_request_in_flight(serv
 @pytest.mark.slow
 def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot(served):
     cancelled_before = model_stats("stable")["cancelled"]
-    body = {"model": f"{MODEL}:stable", "prompt": "def f():\n", "max_tokens": 64, "stream": True, "stop": ["never!"]}
+    # 480 tokens take the tiny model seconds: the request is still running when the client goes.
+    body = {"model": f"{MODEL}:stable", "prompt": "def f():\n", "max_tokens": 480, "stream": True, "stop": ["never!"]}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", served["url"] + "/v1/completions", json=body, headers=auth()) as response:
             lines = response.iter_lines()
@@ -351,6 +353,48 @@ def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot(served):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_killed_model_replica_fails_its_streams_cleanly_and_is_replaced(served):
+    """A real fault: SIGKILL the `fast` replica while it streams. Its clients get an error event (no hang),
+    `stable` keeps serving, and Serve brings up a new `fast` replica that serves again."""
+    url = served["url"] + "/v1/completions"
+    old = model_stats("fast")
+    body = {"model": f"{MODEL}:fast", "prompt": "def f():\n", "max_tokens": 64, "stream": True, "stop": ["never!"]}
+    endings, started = [], threading.Barrier(9)
+
+    def stream() -> None:
+        with httpx.Client(timeout=60) as http, http.stream("POST", url, json=body, headers=auth()) as response:
+            lines = response.iter_lines()
+            next(lines)
+            started.wait()
+            endings.append([line for line in lines if line.startswith("data: ")][-1])
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=60)
+    os.kill(old["pid"], signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a stream hung after its replica died"
+    assert len(endings) == 8
+    errors = [json.loads(e.removeprefix("data: ")) for e in endings if e != "data: [DONE]"]
+    assert errors, endings  # the kill landed mid-stream
+    assert all(e["error"]["type"] == "server_error" for e in errors)
+
+    stable = httpx.post(url, json={"model": f"{MODEL}:stable", "prompt": "x", "max_tokens": 2}, headers=auth())
+    assert stable.status_code == 200
+    deadline = time.monotonic() + 120
+    while True:  # requests wait in Serve's queue for the replacement replica, or fail fast while it is dead
+        response = httpx.post(url, json={**body, "stream": False}, headers=auth(), timeout=120)
+        if response.status_code == 200:
+            break
+        assert response.json()["error"]["type"] == "server_error"
+        assert time.monotonic() < deadline, "no new fast replica"
+        time.sleep(1)
+    assert model_stats("fast")["pid"] != old["pid"]
 
 
 @pytest.mark.slow

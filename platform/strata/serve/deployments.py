@@ -10,6 +10,7 @@ changes only them calls `reconfigure` on the running router, restarting nothing 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type of the endpoints'
 # parameters, and Serve's ingress wrapper cannot resolve string annotations.
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -186,6 +187,8 @@ class ModelServer:
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
                 last = batch[-1]
+                if last.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {self.engine.failure}")
                 finished = last.finish_reason is not None
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -207,12 +210,18 @@ class ModelServer:
                 self.engine.cancel(request_id)
                 self.requests.inc(tags={"finish_reason": "cancelled"})
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: a failed engine makes Serve replace this replica."""
+        if self.engine.failure:
+            raise RuntimeError(f"the engine failed: {self.engine.failure}")
+
     def _stream_interval(self) -> float:
         settings = self.config.engine
         return max(settings.stream_interval_s, self.streams / settings.stream_chunks_per_s)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), "info": self.info, "replica": serve.get_replica_context().replica_id.unique_id}
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {**self.engine.stats(), "info": self.info, "replica": replica, "pid": os.getpid()}
 
     async def __call__(self, http: Request) -> JSONResponse:
         """Plain completions straight to this deployment, without the router (its latency baseline)."""

@@ -39,7 +39,7 @@ class Output:
 
     text: str
     num_new_tokens: int
-    finish_reason: str | None  # None while running, then "stop" (EOS or a stop string), "length" or "cancelled"
+    finish_reason: str | None  # None while running, then "stop" (EOS or a stop string), "length" or "error"
     prompt_tokens: int
     completion_tokens: int
 
@@ -105,6 +105,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._cancelled: set[int] = set()
         self._stopped = False
+        self.failure: str | None = None
 
         # The running batch: one row per sequence, all rows the same (left-padded) cache length.
         self.rows: list[Sequence] = []
@@ -129,6 +130,8 @@ class Engine:
             )
         sequence = Sequence(next(self._ids), list(prompt_ids), params, sink)
         with self._lock:
+            if self.failure:
+                raise RuntimeError(f"the engine has stopped after a failure: {self.failure}")
             self._waiting.append(sequence)
             self._lock.notify()
         return sequence.request_id
@@ -158,7 +161,11 @@ class Engine:
         }
 
     def run(self) -> None:
-        """The scheduler loop: sleeps while idle, otherwise one `step` after another until `stop`."""
+        """The scheduler loop: sleeps while idle, otherwise one `step` after another until `stop`.
+
+        If a step fails (a broken model, out of memory), every request in the engine ends with finish reason
+        "error", later submissions are refused, and `failure` says why: the replica's health check reports it,
+        and Serve replaces the replica."""
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -166,7 +173,19 @@ class Engine:
                         self._lock.wait()
                     if self._stopped:
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception as err:  # any failure must reach every waiting client
+                    self._fail_all(err)
+                    return
+
+    def _fail_all(self, err: Exception) -> None:
+        with self._lock:
+            self.failure = f"{type(err).__name__}: {err}"
+            stranded, self.rows, self._waiting = [*self.rows, *self._waiting], [], deque()
+            self.cache = None
+        for sequence in stranded:
+            sequence.sink(Output("", 0, "error", len(sequence.prompt_ids), len(sequence.generated)))
 
     # -- the scheduler --------------------------------------------------------------------------------------------
 
