@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,13 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class HeadExited(RuntimeError):
+    """`ray start --head` ended before its dashboard answered."""
+
+
 class LocalCluster:
     """A head (token auth on) plus worker nodes, each `ray start --block` in its own process group, so that
     killing one node's group is losing that node, and `shutdown()` stops exactly what we started."""
 
     def __init__(self, head_cpus: int = 2, env: dict[str, str] | None = None):
         self.temp_dir = Path(tempfile.mkdtemp(prefix="strata-ray-", dir="/tmp"))  # short: unix socket paths
-        self.port, self.dashboard_port = free_port(), free_port()
         self.env = {
             **os.environ,
             # The cluster's Python has the dependencies, as a cluster image would; `strata` is shipped by jobs.
@@ -45,19 +49,31 @@ class LocalCluster:
         for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
             self.env.pop(inherited, None)
         self.processes: dict[str, subprocess.Popen] = {}
-        self._start(
-            "head",
-            [
-                "--head",
-                f"--port={self.port}",
-                f"--dashboard-port={self.dashboard_port}",
-                "--dashboard-host=127.0.0.1",
-                f"--num-cpus={head_cpus}",
-                f"--temp-dir={self.temp_dir}",
-                "--include-dashboard=true",
-            ],
-        )
-        self._wait_for_dashboard()
+        # A port picked free can be taken again before Ray binds it; a head that dies at start gets one more try.
+        for attempt in range(2):
+            self.port, self.dashboard_port = free_port(), free_port()
+            self._start(
+                "head",
+                [
+                    "--head",
+                    f"--port={self.port}",
+                    f"--dashboard-port={self.dashboard_port}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--num-cpus={head_cpus}",
+                    f"--temp-dir={self.temp_dir}",
+                    "--include-dashboard=true",
+                    f"--ray-client-server-port={free_port()}",  # not the default 10001, which another Ray may hold
+                ],
+            )
+            try:
+                self._wait_for_dashboard()
+                return
+            except HeadExited as err:
+                if attempt:
+                    raise AssertionError(str(err)) from None
+                print(f"retrying the head start once: {err}", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.processes.pop("head").pid, signal.SIGKILL)
 
     @property
     def address(self) -> str:
@@ -70,10 +86,11 @@ class LocalCluster:
     def _start(self, name: str, args: list[str]) -> None:
         # Each node's dashboard agent gets its own port: the default (52365) may belong to another Ray here,
         # and a head without its agent refuses job submissions ("No available agent").
+        log = (self.temp_dir / f"{name}.log").open("w")  # why a node failed to start, for the assertion
         self.processes[name] = subprocess.Popen(
             [RAY, "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
             env=self.env,
-            stdout=subprocess.DEVNULL,
+            stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -127,7 +144,9 @@ class LocalCluster:
                 urllib.request.urlopen(request, timeout=2)
                 return
             except Exception:
-                assert self.processes["head"].poll() is None, "ray start --head exited early"
+                if self.processes["head"].poll() is not None:
+                    output = (self.temp_dir / "head.log").read_text()[-3000:]
+                    raise HeadExited(f"ray start --head exited early:\n{output}") from None
                 assert time.time() < deadline, "the head node did not come up in 90 s"
                 time.sleep(1)
 

@@ -138,8 +138,8 @@ class ModelServer:
         """Runs on the engine thread after every iteration."""
         self.batch_size.set(stats.batch_size)
         self.queue_length.set(stats.queue_length)
-        if stats.new_tokens:
-            self.tokens.inc(stats.new_tokens)
+        if stats.batch_size:
+            self.tokens.inc(stats.batch_size)
         load = self.experts.total
         if load is not None and load is not self._experts_reported:
             previous = self._experts_reported.tokens_per_expert if self._experts_reported else 0

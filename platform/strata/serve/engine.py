@@ -38,7 +38,6 @@ class Output:
     """What one request gained in one iteration: new text (held back where it could still become a stop string)."""
 
     text: str
-    num_new_tokens: int
     finish_reason: str | None  # None while running, then "stop" (EOS or a stop string), "length" or "error"
     prompt_tokens: int
     completion_tokens: int
@@ -67,11 +66,8 @@ class Sequence:
 
 @dataclass
 class StepStats:
-    batch_size: int
+    batch_size: int  # rows that gained a token this step (finished ones included)
     queue_length: int
-    prefilled: int
-    new_tokens: int
-    seconds: float
 
 
 def bucket(length: int) -> int:
@@ -185,7 +181,7 @@ class Engine:
             stranded, self.rows, self._waiting = [*self.rows, *self._waiting], [], deque()
             self.cache = None
         for sequence in stranded:
-            sequence.sink(Output("", 0, "error", len(sequence.prompt_ids), len(sequence.generated)))
+            sequence.sink(Output("", "error", len(sequence.prompt_ids), len(sequence.generated)))
 
     # -- the scheduler --------------------------------------------------------------------------------------------
 
@@ -207,7 +203,7 @@ class Engine:
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
-            self.on_step(StepStats(new_tokens, queue_length, len(admitted), new_tokens, time.perf_counter() - started))
+            self.on_step(StepStats(new_tokens, queue_length))
 
     def _take_admissions(self) -> list[Sequence]:
         with self._lock:
@@ -344,7 +340,7 @@ class Engine:
             ready -= max((len(s) - 1 for s in params.stop), default=0)
         delta = sequence.text[sequence.emitted_chars : max(ready, sequence.emitted_chars)]
         sequence.emitted_chars += len(delta)
-        sequence.sink(Output(delta, 1, finish, len(sequence.prompt_ids), len(sequence.generated)))
+        sequence.sink(Output(delta, finish, len(sequence.prompt_ids), len(sequence.generated)))
         return finish
 
     def _detokenize(self, sequence: Sequence, final: bool) -> None:
