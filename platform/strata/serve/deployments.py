@@ -130,9 +130,9 @@ class ModelServer:
         self.tokens = Counter("strata_serve_generated_tokens", tag_keys=tuple(tags))
         self.expert_tokens = Counter("strata_serve_expert_tokens", tag_keys=(*tags, "layer", "expert"))
         self.requests = Counter("strata_serve_requests", tag_keys=(*tags, "finish_reason"))
-        for metric in (self.ttft, self.tpot, self.batch_size, self.queue_length, self.tokens, self.expert_tokens):
+        metrics = (self.ttft, self.tpot, self.batch_size, self.queue_length, self.tokens, self.expert_tokens)
+        for metric in (*metrics, self.requests):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
-        self.requests.set_default_tags(dict(tags))
 
     def _record_step(self, stats: StepStats) -> None:
         """Runs on the engine thread after every iteration."""

@@ -208,15 +208,14 @@ class Engine:
     def _take_admissions(self) -> list[Sequence]:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
-            for sequence in itertools.chain(self.rows, self._waiting):
-                if sequence.request_id in cancelled:
-                    sequence.cancelled = True
-            kept = [s for s in self._waiting if not s.cancelled]
-            dropped = len(self._waiting) - len(kept)
+            if cancelled:  # the hot path has none to look for
+                for sequence in itertools.chain(self.rows, self._waiting):
+                    sequence.cancelled = sequence.cancelled or sequence.request_id in cancelled
+                kept = [s for s in self._waiting if not s.cancelled]
+                self.cancelled += len(self._waiting) - len(kept)
+                self._waiting = deque(kept)
             free = max(0, self.max_batch_size - len(self.rows))
-            admitted, self._waiting = kept[:free], deque(kept[free:])
-        for _ in range(dropped):
-            self.cancelled += 1
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         return admitted
 
     def _prefill(self, group: list[Sequence]) -> None:

@@ -139,46 +139,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _envelope(obj: str, rid: str, model: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices, **extra}
+
+
+def _choice(finish: str | None, **content: Any) -> dict[str, Any]:
+    return {"index": 0, "finish_reason": finish, "logprobs": None, **content}
+
+
 def response_body(chat: bool, rid: str, model: str, text: str, finish: str | None, usage_: dict) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        choice = _choice(finish, message={"role": "assistant", "content": text})
     else:
-        choice["text"] = text
-    return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage_,
-    }
+        choice = _choice(finish, text=text)
+    return _envelope("chat.completion" if chat else "text_completion", rid, model, [choice], usage=usage_)
 
 
 def chunk_body(chat: bool, rid: str, model: str, text: str, finish: str | None, first: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if chat:
-        choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = _choice(finish, delta={"role": "assistant", "content": text} if first else {"content": text})
     else:
-        choice["text"] = text
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+        choice = _choice(finish, text=text)
+    return _envelope("chat.completion.chunk" if chat else "text_completion", rid, model, [choice])
 
 
 def usage_chunk(chat: bool, rid: str, model: str, usage_: dict) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage_,
-    }
+    return _envelope("chat.completion.chunk" if chat else "text_completion", rid, model, [], usage=usage_)
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
