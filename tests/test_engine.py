@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -58,6 +59,47 @@ def run_engine(engine: Engine, requests: list[tuple[str, SamplingParams]], join_
             steps += 1
             assert steps < 1000
     return collectors
+
+
+def test_newcomers_join_a_running_batch_in_groups_or_after_a_bounded_wait(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch_size=8, admission_group=3, admission_wait_s=60)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    first, late, lone = Collector(), [Collector() for _ in range(3)], Collector()
+
+    def submit(prompt: str, sink: Collector, params: SamplingParams = greedy) -> None:
+        engine.submit(tokenizer.encode(prompt, add_special_tokens=False), params, sink)
+
+    def running_waiting() -> tuple[int, int]:
+        stats = engine.stats()
+        return stats["running"], stats["waiting"]
+
+    with torch.inference_mode():
+        submit(PROMPTS[0], first, SamplingParams(max_tokens=60, temperature=0.0))
+        engine.step()
+        assert running_waiting() == (1, 0)  # an idle engine admits at once
+        for prompt, sink in zip(PROMPTS[1:3], late, strict=False):
+            submit(prompt, sink)
+        engine.step()
+        engine.step()
+        assert running_waiting() == (1, 2)  # two newcomers wait for a third: one prefill for the group
+        submit(PROMPTS[3], late[2])
+        engine.step()
+        assert running_waiting() == (4, 0)
+        while not all(c.done.is_set() for c in late):
+            engine.step()
+
+        engine.admission_wait_s = 0.05
+        submit(PROMPTS[4], lone)
+        engine.step()
+        assert running_waiting() == (1, 1)
+        time.sleep(0.06)
+        engine.step()
+        assert running_waiting() == (2, 0)  # no group came, and it waited long enough
+        while not (first.done.is_set() and lone.done.is_set()):
+            engine.step()
+    for prompt, sink in zip([*PROMPTS[1:4], PROMPTS[4]], [*late, lone], strict=True):
+        assert sink.text == reference(model, tokenizer, prompt, greedy.max_tokens), prompt
 
 
 @pytest.mark.parametrize("join_every", [0, 3])

@@ -383,6 +383,10 @@ class EngineSettings(StrictModel):
         description="Chunks a replica streams per second across all its requests: with many streams each one's "
         "interval grows, so the cost of streaming stays bounded while the batch grows.",
     )
+    admission_group: int = Field(
+        4, gt=0, description="New requests join a running batch this many at a time (one prefill for the group)..."
+    )
+    admission_wait_s: float = Field(0.05, ge=0, description="...or once the first of them has waited this long.")
     torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
 

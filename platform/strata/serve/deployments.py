@@ -115,7 +115,15 @@ class ModelServer:
         self.experts = ExpertLoadRecorder(model)
         self._experts_reported = None
         self.streams = 0  # requests being streamed now
-        self.engine = Engine(model, self.tokenizer, self.config.engine.max_batch_size, on_step=self._record_step)
+        settings = self.config.engine
+        self.engine = Engine(
+            model,
+            self.tokenizer,
+            settings.max_batch_size,
+            on_step=self._record_step,
+            admission_group=settings.admission_group,
+            admission_wait_s=settings.admission_wait_s,
+        )
         threading.Thread(target=self.engine.run, name="strata-engine", daemon=True).start()
 
         tags = {"model": model_name, "variant": self.config.name}

@@ -58,6 +58,7 @@ class Sequence:
     prefix_offset: int = 0  # incremental detokenization: `text` covers generated[:read_offset]
     read_offset: int = 0
     cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def length(self) -> int:
@@ -85,10 +86,16 @@ class Engine:
         max_batch_size: int = 32,
         on_step: Callable[[StepStats], None] | None = None,
         seed: int = 0,
+        admission_group: int = 1,
+        admission_wait_s: float = 0.0,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        # Newcomers join a running batch `admission_group` at a time, or once the first has waited
+        # `admission_wait_s`: each join costs a prefill forward, as dear as a decode step when launches dominate.
+        self.admission_group = min(admission_group, max_batch_size)
+        self.admission_wait_s = admission_wait_s
         self.max_context = int(model.config.max_position_embeddings)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -214,9 +221,14 @@ class Engine:
                 kept = [s for s in self._waiting if not s.cancelled]
                 self.cancelled += len(self._waiting) - len(kept)
                 self._waiting = deque(kept)
-            free = max(0, self.max_batch_size - len(self.rows))
-            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        return admitted
+            joining = min(self.max_batch_size - len(self.rows), len(self._waiting))
+            if joining <= 0 or (
+                self.rows
+                and joining < self.admission_group
+                and time.monotonic() - self._waiting[0].arrived < self.admission_wait_s
+            ):
+                return []
+            return [self._waiting.popleft() for _ in range(joining)]
 
     def _prefill(self, group: list[Sequence]) -> None:
         width = max(len(s.prompt_ids) for s in group)
@@ -271,10 +283,10 @@ class Engine:
 
         The sampled token is recorded in its sequence here; it is fed to the model next iteration."""
         logits = logits.float()
-        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
         greedy = logits.argmax(-1)
-        if bool((temperature > 0).any()):
+        if any(r.params.temperature > 0 for r in rows):  # decided on the host: no device round trip when greedy
+            temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+            top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
             probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
