@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,12 @@ sys.path.insert(0, str(ROOT / "platform"))
 import httpx  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from generation import build_base, compare_level, levels_table, make_prompts, percentile  # noqa: E402
 from ray import serve  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from strata.config import DataConfig, EngineSettings, ServeConfig  # noqa: E402
-from strata.data.prepare import prepare_data  # noqa: E402
-from strata.data.tokenizer import load_tokenizer  # noqa: E402
-from strata.models.presets import build_model  # noqa: E402
+from strata.config import EngineSettings, ServeConfig  # noqa: E402
 from strata.runtime import strata_runtime_env  # noqa: E402
 from strata.serve.deployments import ModelServer, build_application  # noqa: E402
 
@@ -59,62 +57,6 @@ TARGET_VS_SEQUENTIAL = 10.0
 TARGET_VS_STATIC = 0.7
 TARGET_ROUTER_MS = 2.0
 API_KEY = "sk-bench-0123456789abcdef"
-
-
-def build_base(directory: Path, preset: str, console: Console) -> Path:
-    data = DataConfig(data_dir=str(directory / "data"), max_files=120, vocab_size=1024, seq_len=64)
-    with console.status("corpus + tokenizer (120 stdlib files)"):
-        prepared = prepare_data(data, Console(quiet=True))
-    tokenizer = load_tokenizer(prepared.tokenizer_dir)
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    model_dir = directory / preset
-    build_model(preset, len(tokenizer), special, seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
-
-
-def make_prompts(tokenizer, count: int, seed: int = 0) -> list[str]:
-    """Snippets of this repository's own Python, 8 to 48 tokens long."""
-    text = "\n".join(p.read_text() for p in sorted((ROOT / "platform" / "strata").rglob("*.py")))
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(count):
-        start, length = rng.randrange(len(ids) - 64), rng.randint(8, 48)
-        prompts.append(tokenizer.decode(ids[start : start + length]))
-    return prompts
-
-
-def real_tokens(ids: list[int], eos: int) -> int:
-    """Tokens before EOS (what Strata reports as completion_tokens)."""
-    return ids.index(eos) if eos in ids else len(ids)
-
-
-@torch.inference_mode()
-def sequential(model, tokenizer, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    tokens, started = 0, time.perf_counter()
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        tokens += real_tokens(out[0, ids.shape[1] :].tolist(), tokenizer.eos_token_id)
-    seconds = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
-
-
-@torch.inference_mode()
-def static_batches(model, tokenizer, prompts: list[str], batch: int, max_tokens: int) -> dict[str, float]:
-    tokens, started = 0, time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        width = enc.input_ids.shape[1]
-        tokens += sum(real_tokens(row[width:].tolist(), tokenizer.eos_token_id) for row in out)
-    seconds = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
 async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
@@ -159,11 +101,6 @@ async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tok
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p99_ms": 1000 * percentile(ttfts, 99),
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def router_overhead(base_url: str, requests: int) -> dict[str, float]:
@@ -241,23 +178,15 @@ def main() -> None:
         for concurrency in CONCURRENCY:
             prompts = make_prompts(tokenizer, concurrency * args.rounds, seed=concurrency)
             asyncio.run(strata_clients(f"{base_url}/v1/completions", prompts[:concurrency], concurrency, 8))  # warm
-            with console.status(f"{concurrency} clients: (a) generate one at a time"):
-                a = sequential(model, tokenizer, prompts, args.max_tokens)
-            with console.status(f"{concurrency} clients: (b) generate, static batches of {concurrency}"):
-                b = static_batches(model, tokenizer, prompts, concurrency, args.max_tokens)
-            with console.status(f"{concurrency} clients: (c) Strata over HTTP"):
-                c = asyncio.run(strata_clients(f"{base_url}/v1/completions", prompts, concurrency, args.max_tokens))
-            levels[concurrency] = {
-                "requests": len(prompts),
-                "sequential_generate": a,
-                "static_batch_generate": b,
-                "strata": c,
-                "strata_vs_sequential": c["tokens_per_s"] / a["tokens_per_s"],
-                "strata_vs_static_batch": c["tokens_per_s"] / b["tokens_per_s"],
-            }
-            console.print(
-                f"{concurrency:>2} clients: (a) {a['tokens_per_s']:,.0f}  (b) {b['tokens_per_s']:,.0f}  "
-                f"(c) {c['tokens_per_s']:,.0f} tokens/s; TTFT p50 {c['ttft_p50_ms']:.0f} ms"
+            url = f"{base_url}/v1/completions"
+            levels[concurrency] = compare_level(
+                model,
+                tokenizer,
+                prompts,
+                concurrency,
+                args.max_tokens,
+                partial(asyncio.run, strata_clients(url, prompts, concurrency, args.max_tokens)),
+                console,
             )
         with console.status(f"router latency: {args.latency_requests} one-token requests each way"):
             latency = router_overhead(base_url, args.latency_requests)
@@ -305,29 +234,8 @@ def main() -> None:
 
 
 def report(console: Console, results: dict[str, Any]) -> None:
-    table = Table(title="generated tokens/s (greedy, same requests on every side)")
-    for column in (
-        "clients",
-        "(a) one at a time",
-        "(b) static batch",
-        "(c) Strata HTTP",
-        "TTFT p50 / p99",
-        "c/a",
-        "c/b",
-    ):
-        table.add_column(column, justify="right")
-    for concurrency, level in results["levels"].items():
-        c = level["strata"]
-        table.add_row(
-            str(concurrency),
-            f"{level['sequential_generate']['tokens_per_s']:,.0f}",
-            f"{level['static_batch_generate']['tokens_per_s']:,.0f}",
-            f"{c['tokens_per_s']:,.0f}",
-            f"{c['ttft_p50_ms']:.0f} / {c['ttft_p99_ms']:.0f} ms",
-            f"{level['strata_vs_sequential']:.1f}x",
-            f"{level['strata_vs_static_batch']:.2f}x",
-        )
-    console.print(table)
+    title = "generated tokens/s (greedy, same requests on every side)"
+    console.print(levels_table(title, "(c) Strata HTTP", results["levels"]))
     latency = results["router_latency"]
     console.print(
         f"router: p50 {latency['router_p50_ms']:.1f} ms vs direct {latency['direct_p50_ms']:.1f} ms "
