@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2
+    except ConnectionError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

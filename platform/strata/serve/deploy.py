@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -103,27 +106,47 @@ def set_weights(dashboard_url: str, app: str, weights: dict[str, float]) -> dict
 
 
 def connect(address: str | None = None, start_if_none: bool = True, num_cpus: int | None = None) -> str:
-    """Join the Ray cluster (this driver's, `address`, $RAY_ADDRESS, or one running on this machine) and return its
-    dashboard URL, which `serve deploy` talks to.
+    """Join a Ray cluster and return its dashboard URL, which `serve deploy` talks to: this driver's own, `address`,
+    $RAY_ADDRESS, or the one `ray start` last started on this machine.
 
     With none running, start one with `ray start --head`: unlike a driver's own `ray.init`, it outlives this
     process, so the application keeps serving after the deploy command exits."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        try:
-            ray.init(address=address or "auto", log_to_driver=False)
-        except ConnectionError:
-            if address or not start_if_none:
-                raise
-            command = ["ray", "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+        if not (address or last_started_cluster()):
+            if not start_if_none:
+                raise ConnectionError("no Ray cluster is running here: name one with --address or $RAY_ADDRESS")
+            ray_cli = str(Path(sys.executable).parent / "ray")  # this environment's, as `make` runs it unactivated
+            command = [ray_cli, "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
             if num_cpus:
                 command += ["--num-cpus", str(num_cpus)]
-            subprocess.run(command, check=True, capture_output=True, text=True)
-            ray.init(address="auto", log_to_driver=False)
+            started = subprocess.run(command, capture_output=True, text=True)
+            if started.returncode != 0:
+                raise RuntimeError(f"`{' '.join(command)}` failed:\n{started.stdout}{started.stderr}")
+        # "auto" joins the recorded cluster and, as Ray does only for one found this way, takes up the token auth
+        # that `ray start` turns on when ~/.ray/auth_token exists.
+        ray.init(address=address or "auto", log_to_driver=False)
     url = ray._private.worker.get_dashboard_url()  # no public API names a joined cluster's dashboard
     if not url:
         raise RuntimeError("the Ray cluster has no dashboard, which `serve deploy` needs (start it with one)")
     return url if "://" in url else f"http://{url}"
+
+
+def last_started_cluster() -> str | None:
+    """The address `ray start --head` last recorded on this machine (under $RAY_TMPDIR, /tmp by default), if its
+    GCS still answers. A cluster some other driver started with `ray.init` dies with that driver: not a home for a
+    long-running application."""
+    from ray._private.utils import read_ray_address  # what `ray status` reads; no public API exposes it
+
+    address = read_ray_address()
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return None  # a stale record of a cluster that has stopped
+    return address
 
 
 def deploy_application(dashboard_url: str, entry: dict[str, Any], port: int = 8000) -> dict[str, Any]:
