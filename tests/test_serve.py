@@ -425,6 +425,86 @@ def test_metrics_reach_prometheus_format(served):
     assert 'variant="stable"' in text and 'expert="0"' in text
 
 
+@pytest.mark.slow
+def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_scales_with_load(served, tmp_path):
+    """A variant given as a registered base plus a LoRA adapter, with autoscaling: it answers as base and adapter
+    merged do, Serve adds a replica while requests pile up, and takes it away once they stop."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from strata.config import ServeConfig
+    from strata.models.adapters import merged_model
+    from strata.registry import generate_text
+    from strata.serve import deploy
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0
+    get_peft_model(AutoModelForCausalLM.from_pretrained(served["stable_dir"]), lora).save_pretrained(tmp_path)
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
+    autoscaling |= {"upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2}
+    variant = {"name": "tuned", "model": f"models:/{MODEL}/1", "adapter": str(tmp_path), "num_cpus": 0.1}
+    variant |= {"autoscaling": autoscaling, "engine": {"max_batch_size": 4, "stream_interval_s": 0.0}}
+    base = served["config"]
+    config = ServeConfig(
+        model_name="strata-tuned",
+        variants=[variant],
+        tracking_uri=base.tracking_uri,
+        auth=base.auth,
+        audit=base.audit,
+        router_num_cpus=0.1,
+    )
+
+    def replicas() -> int:
+        deployment = serve.status().applications["tuned"].deployments["model-tuned"]
+        return sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+
+    deploy.deploy_application(served["dashboard"], deploy.application(config, "tuned", "/tuned"))
+    try:
+        deploy.wait_until_running(served["dashboard"], "tuned", timeout_s=300)
+        url = served["url"] + "/tuned/v1/completions"
+        prompt = "def main(args):\n"
+        body = {"model": "strata-tuned", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        response = httpx.post(url, json=body, headers=auth(), timeout=60)
+        assert response.status_code == 200, response.text
+        merged = merged_model(str(served["stable_dir"]), "lora", str(tmp_path)).eval()
+        merged.config.output_router_logits = False
+        expected = generate_text(merged, AutoTokenizer.from_pretrained(served["stable_dir"]), prompt, 12)
+        assert response.json()["choices"][0]["text"] == expected
+        assert expected != reference(served["stable_dir"], prompt, 12), "the adapter changed nothing"
+
+        assert replicas() == 1
+        stop, failures = threading.Event(), []
+
+        def load() -> None:
+            with httpx.Client(timeout=120) as http:
+                while not stop.is_set():
+                    reply = http.post(url, json={**body, "max_tokens": 48}, headers=auth())
+                    if reply.status_code != 200:
+                        failures.append(reply.text)
+
+        clients = [threading.Thread(target=load) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        try:
+            deadline = time.monotonic() + 120
+            while replicas() < 2:
+                assert time.monotonic() < deadline, "no replica was added under load"
+                time.sleep(1)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join()
+        assert not failures, failures[:3]
+        deadline = time.monotonic() + 120
+        while replicas() > 1:
+            assert time.monotonic() < deadline, "the added replica was not removed once the load stopped"
+            time.sleep(1)
+    finally:
+        serve.delete("tuned")
+
+
 def test_checked_in_ab_config_is_valid():
     from strata.config import ServeConfig
     from strata.serve.routing import Split

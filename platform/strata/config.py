@@ -392,9 +392,20 @@ class EngineSettings(StrictModel):
 
 
 class AutoscalingSettings(StrictModel):
+    """Serve's request-based autoscaling of one variant's replicas (its `autoscaling_config`)."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, gt=0)
-    target_ongoing_requests: float = Field(16, gt=0)
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica to aim for.")
+    upscale_delay_s: float = Field(30, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(600, ge=0, description="Load must stay low this long before one is removed.")
+    look_back_period_s: float = Field(30, gt=0, description="The window the load is averaged over.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
 
 
 class VariantConfig(StrictModel):
