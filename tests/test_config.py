@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from strata.cli import main
 from strata.config import ConfigError, FinetuneConfig, PretrainConfig, flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,14 +90,18 @@ def test_missing_config_file_and_bad_override(tmp_path):
         load_config(TINY, ["optim.lr=-3"])
 
 
-def test_cli_rejects_bad_config_before_starting_ray(tmp_path, capsys):
-    import ray
-
-    code = main(["pretrain", "--config", str(TINY), "--set", "optim.lr=-1"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "optim.lr" in err and str(TINY) in err
-    assert not ray.is_initialized()
+def test_cli_rejects_bad_config_before_starting_ray():
+    """In a fresh interpreter: this session's own Ray may already be up, and must not make the test pass or fail."""
+    script = (
+        "import sys, ray\n"
+        "from strata.cli import main\n"
+        f"code = main(['pretrain', '--config', {str(TINY)!r}, '--set', 'optim.lr=-1'])\n"
+        "print('exit', code, 'ray', ray.is_initialized())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "exit 2 ray False" in proc.stdout, proc.stdout + proc.stderr
+    assert "optim.lr" in proc.stderr and str(TINY) in proc.stderr
 
 
 def test_job_entrypoint_exits_nonzero_with_field_in_message(tmp_path):
