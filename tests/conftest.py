@@ -32,7 +32,8 @@ def ray_session():
 def strata_home(tmp_path, monkeypatch) -> Path:
     """An empty STRATA_HOME, so runs, data and the MLflow store of each test stay apart."""
     monkeypatch.setenv("STRATA_HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for exported in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # `use_store` exports both: undo at teardown
+        monkeypatch.delenv(exported, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -45,8 +45,8 @@ class LocalCluster:
             "RAY_AUTH_TOKEN": uuid.uuid4().hex,
             **(env or {}),
         }
-        # Not this process's: `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, and jobs must use their own.
-        for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        # Not this process's: `mlflow.set_tracking_uri` (and `set_registry_uri`) export these; jobs use their own.
+        for inherited in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             self.env.pop(inherited, None)
         self.processes: dict[str, subprocess.Popen] = {}
         # A port picked free can be taken again before Ray binds it; a head that dies at start gets one more try.

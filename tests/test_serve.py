@@ -44,9 +44,10 @@ def served(ray_session, tiny_base, tmp_path_factory):
     from strata.serve.auth import key_id
 
     home = tmp_path_factory.mktemp("serve-home")
-    saved_env = {k: os.environ.get(k) for k in ("STRATA_HOME", "MLFLOW_TRACKING_URI")}
+    saved_env = {k: os.environ.get(k) for k in ("STRATA_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     os.environ["STRATA_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
     uri = tracking.use_store()
 
     other = home / "tiny-other"

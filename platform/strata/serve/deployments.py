@@ -101,15 +101,15 @@ class ModelServer:
     whether the request was accepted before it answers its client."""
 
     def __init__(self, model_name: str, variant: dict[str, Any], tracking_uri: str | None):
-        import mlflow
         import torch
 
+        from strata import tracking
         from strata.models.moe_stats import ExpertLoadRecorder
         from strata.serve.loading import load_for_serving
 
         self.config = VariantConfig.model_validate(variant)
         if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+            tracking.use_store(tracking_uri)  # the registry too: a $MLFLOW_REGISTRY_URI on the node must not win
         torch.set_num_threads(self.config.engine.torch_threads or max(1, round(self.config.num_cpus)))
         model, self.tokenizer, self.info = load_for_serving(self.config)
         self.experts = ExpertLoadRecorder(model)
