@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,16 +14,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from raycluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "strata-fresh"
 KEY = "sk-fresh-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes_under(directory: Path) -> list[psutil.Process]:

@@ -9,7 +9,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,17 +17,12 @@ import httpx
 import openai
 import pytest
 import yaml
+from raycluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "strata-test"
 MODEL = "strata-tiny"
 KEYS = {"main": "sk-main-0123456789", "other": "sk-other-0123456789", "limited": "sk-limited-0123456789"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
