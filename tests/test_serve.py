@@ -351,6 +351,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_batch_slot(served):
 
 
 @pytest.mark.slow
+def test_a_client_that_gives_up_on_a_plain_completion_frees_its_batch_slot(served):
+    """Without streaming the router waits on one reply from the replica; a client gone meanwhile cancels it."""
+    cancelled_before = model_stats("stable")["cancelled"]
+    body = {"model": f"{MODEL}:stable", "prompt": "def f():\n", "max_tokens": 480, "stop": ["never!"]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served["url"] + "/v1/completions", json=body, headers=auth(), timeout=1.5)
+    deadline = time.monotonic() + 30
+    while True:
+        stats = model_stats("stable")
+        if stats["cancelled"] > cancelled_before and stats["running"] == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
 def test_a_killed_model_replica_fails_its_streams_cleanly_and_is_replaced(served):
     """A real fault: SIGKILL the `fast` replica while it streams. Its clients get an error event (no hang),
     `stable` keeps serving, and Serve brings up a new `fast` replica that serves again."""

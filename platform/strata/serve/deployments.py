@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from strata.config import ServeConfig, VariantConfig
@@ -33,6 +33,7 @@ from strata.serve.routing import Split
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+METRICS_INTERVAL_S = 1.0  # how often a replica exports its engine's batch, queue, token and expert metrics
 VARIANT_HEADER = "x-strata-variant"
 SESSION_HEADER = "x-session-id"
 
@@ -75,15 +76,17 @@ class RequestRecord:
     completion: str | None = None
 
 
-async def _first_chunk(stream) -> dict:
-    """The first chunk of a ModelServer stream, or the ApiError it stands for."""
+async def _reply(pending) -> dict:
+    """The first chunk of a ModelServer stream or its whole `complete` reply, or the ApiError it stands for.
+
+    If the client goes away meanwhile, Serve cancels the router's request and, with it, this call to the replica."""
     try:
-        first = await stream.__anext__()
+        reply = await (pending.__anext__() if isinstance(pending, DeploymentResponseGenerator) else pending)
     except Exception as err:
         raise ApiError(500, f"the model replica failed: {type(err).__name__}", code="server_error") from err
-    if "error" in first:
-        raise ApiError(first["status"], first["error"], code=first.get("code"))
-    return first
+    if "error" in reply:
+        raise ApiError(reply["status"], reply["error"], code=reply.get("code"))
+    return reply
 
 
 async def _chunks(first: dict, stream) -> AsyncIterator[dict]:
@@ -114,6 +117,7 @@ class ModelServer:
         model, self.tokenizer, self.info = load_for_serving(self.config)
         self.experts = ExpertLoadRecorder(model)
         self._experts_reported = None
+        self._unreported_tokens, self._next_report = 0, 0.0
         self.streams = 0  # requests being streamed now
         settings = self.config.engine
         self.engine = Engine(
@@ -143,11 +147,19 @@ class ModelServer:
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
 
     def _record_step(self, stats: StepStats) -> None:
-        """Runs on the engine thread after every iteration."""
-        self.batch_size.set(stats.batch_size)
+        """Runs on the engine thread after every iteration. Exports at most every METRICS_INTERVAL_S, and when the
+        engine runs dry: recording a metric costs more than a small model's decode step would like to pay."""
+        self._unreported_tokens += stats.batch_size
+        drained = not stats.queue_length and not self.engine.rows
+        now = time.monotonic()
+        if now < self._next_report and not drained:
+            return
+        self._next_report = now + METRICS_INTERVAL_S
+        self.batch_size.set(0 if drained else stats.batch_size)
         self.queue_length.set(stats.queue_length)
-        if stats.batch_size:
-            self.tokens.inc(stats.batch_size)
+        if self._unreported_tokens:
+            self.tokens.inc(self._unreported_tokens)
+            self._unreported_tokens = 0
         load = self.experts.total
         if load is not None and load is not self._experts_reported:
             previous = self._experts_reported.tokens_per_expert if self._experts_reported else 0
@@ -231,6 +243,20 @@ class ModelServer:
         replica = serve.get_replica_context().replica_id.unique_id
         return {**self.engine.stats(), "info": self.info, "replica": replica, "pid": os.getpid()}
 
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion as one reply: an error, or the last chunk with all the text, the time to its first
+        token (`ttft_s`) and the time it all took (`seconds`).
+
+        Non-streaming requests take this path: one round trip from the router instead of a stream of chunks."""
+        started, first_at, text, last = time.perf_counter(), None, [], {}
+        async for chunk in self.generate(request):
+            if "error" in chunk:
+                return chunk
+            first_at = first_at or time.perf_counter()
+            text.append(chunk["text"])
+            last = chunk
+        return {**last, "text": "".join(text), "ttft_s": first_at - started, "seconds": time.perf_counter() - started}
+
     async def __call__(self, http: Request) -> JSONResponse:
         """Plain completions straight to this deployment, without the router (its latency baseline)."""
         try:
@@ -240,15 +266,13 @@ class ModelServer:
             )
         except ApiError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        request = engine_request(body, max_tokens)
-        text, last = "", {}
-        async for chunk in self.generate(request):
-            if "error" in chunk:
-                return JSONResponse(ApiError(chunk["status"], chunk["error"]).body(), status_code=chunk["status"])
-            text, last = text + chunk["text"], chunk
-        usage = protocol.usage(last["prompt_tokens"], last["completion_tokens"])
+        reply = await self.complete(engine_request(body, max_tokens))
+        if "error" in reply:
+            return JSONResponse(ApiError(reply["status"], reply["error"]).body(), status_code=reply["status"])
+        usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
         rid = protocol.completion_id(chat=False)
-        return JSONResponse(protocol.response_body(False, rid, body.model, text, last["finish_reason"], usage))
+        body = protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage)
+        return JSONResponse(body)
 
 
 # -- the router ---------------------------------------------------------------------------------------------------
@@ -333,37 +357,35 @@ class Router:
                 body, protocol.max_tokens_of(body, engine.default_max_tokens, engine.max_tokens_limit)
             )
             record.prompt = request["messages"] or request["prompt"]
-            stream = self.variants[record.variant].options(stream=True).generate.remote(request)
-            first = await _first_chunk(stream)
+            model_server = self.variants[record.variant]
+            if body.stream:
+                stream = model_server.options(stream=True).generate.remote(request)
+                first = await _reply(stream)
+            else:
+                reply = await _reply(model_server.complete.remote(request))
         except ApiError as err:
             record.status = err.status
             self._finish(record)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        except asyncio.CancelledError:
+            record.status = 499  # client closed the request
+            self._finish(record)
+            raise
 
-        record.ttft = time.perf_counter() - record.started
         model = f"{self.config.model_name}:{record.variant}"
         headers = {VARIANT_HEADER: record.variant}
         rid = protocol.completion_id(chat)
         if body.stream:
+            record.ttft = time.perf_counter() - record.started
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._events(stream, first, record, chat, rid, model, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        text, last = first["text"], first
-        try:
-            async for chunk in stream:
-                text, last = text + chunk["text"], chunk
-        except asyncio.CancelledError:
-            record.status = 499  # client closed the request
-            stream.cancel()
-            raise
-        except Exception as err:
-            record.status = 500
-            return JSONResponse(ApiError(500, f"generation failed: {err}").body(), status_code=500)
-        finally:
-            self._finish(record, last, text)
-        usage = protocol.usage(last["prompt_tokens"], last["completion_tokens"])
+        # The client saw no first token: count the time up to the replica's, leaving out the rest of its work.
+        record.ttft = (time.perf_counter() - record.started) - reply["seconds"] + reply["ttft_s"]
+        self._finish(record, reply, reply["text"])
+        usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
         return JSONResponse(
-            protocol.response_body(chat, rid, model, text, last["finish_reason"], usage), headers=headers
+            protocol.response_body(chat, rid, model, reply["text"], reply["finish_reason"], usage), headers=headers
         )
 
     async def _events(self, stream, first, record: RequestRecord, chat: bool, rid: str, model: str, usage: bool):
