@@ -13,6 +13,8 @@ tokens), at 1, 8 and 32 concurrent clients:
 Generated tokens/s counts real tokens (up to EOS) on every side. Targets at 32 clients: (c) >= 10x (a) and
 (c) >= 0.7x (b). It also measures the router's added latency: one-token completions through the router (with
 auth, split and audit) against the same request straight to a model deployment, interleaved; target <= 2 ms p50.
+Beside them runs a bare Serve hop (an ingress that only forwards to the model deployment): the floor any router
+deployment pays, which separates Serve's own cost from the router's work.
 
 The baselines run in this process with all the machine's threads; the model replica shares the machine with the
 HTTP proxy, the router and the clients. Timings are reported, never asserted.
@@ -41,6 +43,8 @@ sys.path.insert(0, str(ROOT / "platform"))
 import httpx  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from fastapi import Request  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
 from generation import build_base, compare_level, levels_table, make_prompts, percentile  # noqa: E402
 from ray import serve  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -103,23 +107,46 @@ async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tok
     }
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class BareHop:
+    """The least any router adds: one Serve handle call to the model deployment, and none of the router's work."""
+
+    def __init__(self, app_name: str, deployment_name: str):
+        self.model = serve.get_deployment_handle(deployment_name, app_name=app_name)
+
+    async def __call__(self, http: Request) -> JSONResponse:
+        body = json.loads(await http.body())
+        request = {"prompt": body["prompt"], "messages": None, "max_tokens": body["max_tokens"]}
+        reply = await self.model.complete.remote({**request, "temperature": 0.0, "top_p": 1.0, "stop": []})
+        return JSONResponse({"choices": [{"text": reply["text"]}]})
+
+
 def router_overhead(base_url: str, requests: int) -> dict[str, float]:
-    """One-token completions, alternating router (pinned variant) and the direct deployment."""
+    """One-token completions, interleaved: through the router (pinned variant), through a bare Serve hop, and
+    straight to a model deployment. The bare hop separates what Serve itself costs from the router's own work."""
     body = {"prompt": "def f(x):", "max_tokens": 1, "temperature": 0}
-    latencies: dict[str, list[float]] = {"router": [], "direct": []}
+    paths = {
+        "router": (f"{base_url}/v1/completions", {"model": "bench:stable"}),
+        "hop": (f"{base_url}/hop", {}),
+        "direct": (f"{base_url}/direct/v1/completions", {"model": "bench"}),
+    }
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
     with httpx.Client(timeout=60) as http:
         for i in range(requests + 20):
-            for name, url, extra in (
-                ("router", f"{base_url}/v1/completions", {"model": "bench:stable"}),
-                ("direct", f"{base_url}/direct/v1/completions", {"model": "bench"}),
-            ):
+            for name, (url, extra) in paths.items():
                 started = time.perf_counter()
                 response = http.post(url, json={**body, **extra}, headers={"Authorization": f"Bearer {API_KEY}"})
                 response.raise_for_status()
                 if i >= 20:  # warmup
                     latencies[name].append(time.perf_counter() - started)
-    router, direct = (statistics.median(latencies[k]) * 1000 for k in ("router", "direct"))
-    return {"router_p50_ms": router, "direct_p50_ms": direct, "added_p50_ms": router - direct}
+    p50 = {name: statistics.median(values) * 1000 for name, values in latencies.items()}
+    return {
+        "router_p50_ms": p50["router"],
+        "bare_hop_p50_ms": p50["hop"],
+        "direct_p50_ms": p50["direct"],
+        "added_p50_ms": p50["router"] - p50["direct"],
+        "bare_hop_added_p50_ms": p50["hop"] - p50["direct"],
+    }
 
 
 def main() -> None:
@@ -152,7 +179,13 @@ def main() -> None:
 
         if args.throughput_optimized:
             os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Ray process this driver starts
-        ray.init(address="local", num_cpus=THREADS + 1, include_dashboard=False, runtime_env=strata_runtime_env())
+        ray.init(
+            address="local",
+            num_cpus=THREADS + 1,
+            include_dashboard=False,
+            log_to_driver=False,  # the replicas log every request: keep the report readable
+            runtime_env=strata_runtime_env(),
+        )
         port = 8000 + random.randrange(1000)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         engine = EngineSettings(
@@ -172,6 +205,7 @@ def main() -> None:
             serve.run(
                 direct.bind("bench", config.variants[0].model_dump(), None), name="direct", route_prefix="/direct"
             )
+            serve.run(BareHop.bind("direct", "direct"), name="hop", route_prefix="/hop")
         base_url = f"http://127.0.0.1:{port}"
 
         levels = {}
@@ -239,7 +273,7 @@ def report(console: Console, results: dict[str, Any]) -> None:
     latency = results["router_latency"]
     console.print(
         f"router: p50 {latency['router_p50_ms']:.1f} ms vs direct {latency['direct_p50_ms']:.1f} ms "
-        f"-> +{latency['added_p50_ms']:.2f} ms"
+        f"-> +{latency['added_p50_ms']:.2f} ms (a bare Serve hop: +{latency['bare_hop_added_p50_ms']:.2f} ms)"
     )
     for name, target in results["targets"].items():
         verdict = "[green]met[/green]" if target["target_met"] else "[red]missed[/red]"
