@@ -271,8 +271,9 @@ class ModelServer:
             return JSONResponse(ApiError(reply["status"], reply["error"]).body(), status_code=reply["status"])
         usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
         rid = protocol.completion_id(chat=False)
-        body = protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage)
-        return JSONResponse(body)
+        return JSONResponse(
+            protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage)
+        )
 
 
 # -- the router ---------------------------------------------------------------------------------------------------
