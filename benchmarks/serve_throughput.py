@@ -52,7 +52,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from strata.config import EngineSettings, ServeConfig  # noqa: E402
 from strata.runtime import strata_runtime_env  # noqa: E402
-from strata.serve.deployments import ModelServer, build_application  # noqa: E402
+from strata.serve.deployments import ModelServer, build_application, engine_request  # noqa: E402
+from strata.serve.protocol import CompletionRequest  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 THREADS = 2  # torch threads for the baselines and for the model replica
@@ -115,9 +116,8 @@ class BareHop:
         self.model = serve.get_deployment_handle(deployment_name, app_name=app_name)
 
     async def __call__(self, http: Request) -> JSONResponse:
-        body = json.loads(await http.body())
-        request = {"prompt": body["prompt"], "messages": None, "max_tokens": body["max_tokens"]}
-        reply = await self.model.complete.remote({**request, "temperature": 0.0, "top_p": 1.0, "stop": []})
+        body = CompletionRequest.model_validate_json(await http.body())
+        reply = await self.model.complete.remote(engine_request(body, body.max_tokens))
         return JSONResponse({"choices": [{"text": reply["text"]}]})
 
 
@@ -127,7 +127,7 @@ def router_overhead(base_url: str, requests: int) -> dict[str, float]:
     body = {"prompt": "def f(x):", "max_tokens": 1, "temperature": 0}
     paths = {
         "router": (f"{base_url}/v1/completions", {"model": "bench:stable"}),
-        "hop": (f"{base_url}/hop", {}),
+        "hop": (f"{base_url}/hop", {"model": "bench"}),
         "direct": (f"{base_url}/direct/v1/completions", {"model": "bench"}),
     }
     latencies: dict[str, list[float]] = {name: [] for name in paths}

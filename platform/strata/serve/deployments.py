@@ -13,14 +13,14 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from strata.config import ServeConfig, VariantConfig
@@ -76,12 +76,12 @@ class RequestRecord:
     completion: str | None = None
 
 
-async def _reply(pending) -> dict:
+async def _reply(pending: Awaitable[dict]) -> dict:
     """The first chunk of a ModelServer stream or its whole `complete` reply, or the ApiError it stands for.
 
     If the client goes away meanwhile, Serve cancels the router's request and, with it, this call to the replica."""
     try:
-        reply = await (pending.__anext__() if isinstance(pending, DeploymentResponseGenerator) else pending)
+        reply = await pending
     except Exception as err:
         raise ApiError(500, f"the model replica failed: {type(err).__name__}", code="server_error") from err
     if "error" in reply:
@@ -150,7 +150,7 @@ class ModelServer:
         """Runs on the engine thread after every iteration. Exports at most every METRICS_INTERVAL_S, and when the
         engine runs dry: recording a metric costs more than a small model's decode step would like to pay."""
         self._unreported_tokens += stats.batch_size
-        drained = not stats.queue_length and not self.engine.rows
+        drained = not stats.queue_length and not stats.running
         now = time.monotonic()
         if now < self._next_report and not drained:
             return
@@ -175,7 +175,9 @@ class ModelServer:
         prompt = request["prompt"]
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: dict[str, Any], paced: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of new text. `paced` streams let tokens gather into a chunk for the stream interval (bounding what
+        streaming costs); an unpaced reader takes each token as it comes, for a reply that waits on none."""
         started = time.perf_counter()
         ids = self.prompt_ids(request)
         params = SamplingParams(
@@ -200,7 +202,8 @@ class ModelServer:
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         request_id = self.engine.submit(ids, params, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
         finished, first_at = False, None
-        self.streams += 1
+        if paced:
+            self.streams += 1
         try:
             while not finished:
                 batch = [await outputs.get()]
@@ -219,13 +222,14 @@ class ModelServer:
                     "prompt_tokens": last.prompt_tokens,
                     "completion_tokens": last.completion_tokens,
                 }
-                if not finished:
+                if paced and not finished:
                     await asyncio.sleep(self._stream_interval())  # let tokens gather into one chunk
             if last.completion_tokens > 1:
                 self.tpot.observe((time.perf_counter() - first_at) / (last.completion_tokens - 1))
             self.requests.inc(tags={"finish_reason": last.finish_reason})
         finally:
-            self.streams -= 1
+            if paced:
+                self.streams -= 1
             if not finished:  # the caller went away: free the batch slot
                 self.engine.cancel(request_id)
                 self.requests.inc(tags={"finish_reason": "cancelled"})
@@ -249,7 +253,7 @@ class ModelServer:
 
         Non-streaming requests take this path: one round trip from the router instead of a stream of chunks."""
         started, first_at, text, last = time.perf_counter(), None, [], {}
-        async for chunk in self.generate(request):
+        async for chunk in self.generate(request, paced=False):
             if "error" in chunk:
                 return chunk
             first_at = first_at or time.perf_counter()
@@ -361,7 +365,7 @@ class Router:
             model_server = self.variants[record.variant]
             if body.stream:
                 stream = model_server.options(stream=True).generate.remote(request)
-                first = await _reply(stream)
+                first = await _reply(stream.__anext__())
             else:
                 reply = await _reply(model_server.complete.remote(request))
         except ApiError as err:

@@ -69,6 +69,7 @@ class Sequence:
 class StepStats:
     batch_size: int  # rows that gained a token this step (finished ones included)
     queue_length: int
+    running: int  # rows still in the batch after the step
 
 
 def bucket(length: int) -> int:
@@ -210,7 +211,7 @@ class Engine:
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
-            self.on_step(StepStats(new_tokens, queue_length))
+            self.on_step(StepStats(new_tokens, queue_length, len(self.rows)))
 
     def _take_admissions(self) -> list[Sequence]:
         with self._lock:
