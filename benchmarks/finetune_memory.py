@@ -67,7 +67,7 @@ from strata.config import LoraSettings, OptimConfig  # noqa: E402
 from strata.data.sft import SFTExample, collate  # noqa: E402
 from strata.models.adapters import parameter_counts, trainable_model  # noqa: E402
 from strata.models.presets import build_model  # noqa: E402
-from strata.train.loop import make_optimizer  # noqa: E402
+from strata.train.trainer import make_optimizer  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 METHODS = ("full", "lora", "qlora")

@@ -52,7 +52,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from strata.config import EngineSettings, ServeConfig  # noqa: E402
 from strata.runtime import strata_runtime_env  # noqa: E402
-from strata.serve.deployments import ModelServer, build_application, engine_request  # noqa: E402
+from strata.serve import protocol  # noqa: E402
+from strata.serve.app import build_application  # noqa: E402
+from strata.serve.model_server import ModelServer  # noqa: E402
+from strata.serve.router import engine_request  # noqa: E402
 from strata.serve.protocol import CompletionRequest  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -108,6 +111,18 @@ async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tok
     }
 
 
+@serve.deployment
+class DirectModelServer(ModelServer.func_or_class):
+    """A model deployment answering plain completions over HTTP itself: the no-router latency baseline."""
+
+    async def __call__(self, http: Request) -> JSONResponse:
+        body = CompletionRequest.model_validate_json(await http.body())
+        reply = await self.complete(engine_request(body, body.max_tokens))
+        usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
+        rid = protocol.completion_id(chat=False)
+        return JSONResponse(protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class BareHop:
     """The least any router adds: one Serve handle call to the model deployment, and none of the router's work."""
@@ -128,7 +143,7 @@ def router_overhead(base_url: str, requests: int) -> dict[str, float]:
     paths = {
         "router": (f"{base_url}/v1/completions", {"model": "bench:stable"}),
         "hop": (f"{base_url}/hop", {"model": "bench"}),
-        "direct": (f"{base_url}/direct/v1/completions", {"model": "bench"}),
+        "direct": (f"{base_url}/direct", {"model": "bench"}),
     }
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     with httpx.Client(timeout=60) as http:
@@ -201,7 +216,7 @@ def main() -> None:
         )
         with console.status("deploying the router + model replica, and a direct model deployment"):
             serve.run(build_application(config), name="bench", route_prefix="/")
-            direct = ModelServer.options(name="direct", ray_actor_options={"num_cpus": 0})
+            direct = DirectModelServer.options(name="direct", ray_actor_options={"num_cpus": 0})
             serve.run(
                 direct.bind("bench", config.variants[0].model_dump(), None), name="direct", route_prefix="/direct"
             )

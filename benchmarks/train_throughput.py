@@ -47,8 +47,8 @@ from strata.data.prepare import prepare_data  # noqa: E402
 from strata.data.tokenizer import load_tokenizer  # noqa: E402
 from strata.models.presets import build_model  # noqa: E402
 from strata.runtime import strata_runtime_env  # noqa: E402
-from strata.train.loop import lr_lambda, make_optimizer  # noqa: E402
-from strata.train.pretrain import make_trainer  # noqa: E402
+from strata.train.pretrain_loop import train_loop_per_worker  # noqa: E402
+from strata.train.trainer import lr_lambda, make_optimizer, make_trainer  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 NUM_CPUS = 2  # Ray's CPUs, the Ray worker's CPUs and the torch threads of every measurement
@@ -135,7 +135,7 @@ def ray_loop(cfg: PretrainConfig, tokenizer_dir: str, packed_dir: str, reports_p
     """`train_loop_per_worker` on one Ray Train worker, with the tokens/s it reports per window."""
     paths = {"tokenizer_dir": tokenizer_dir, "packed_dir": packed_dir}
     loop_config = {"config": cfg.model_dump(mode="json"), "paths": paths}
-    make_trainer(cfg, loop_config, [RecordReports(reports_path)]).fit()
+    make_trainer(cfg, train_loop_per_worker, loop_config, [RecordReports(reports_path)], cfg.run_name).fit()
     reports = [json.loads(line) for line in reports_path.read_text().splitlines()]
     # Each report's tokens_per_s covers the steps since the previous report.
     rates = [r["tokens_per_s"] for r in reports if r["step"] > WINDOW_STEPS]

@@ -21,7 +21,7 @@ from rich.table import Table  # noqa: E402
 
 from strata import paths, registry, tracking  # noqa: E402
 from strata.cli import main as strata_cli  # noqa: E402
-from strata.config import FinetuneConfig, load_config  # noqa: E402
+from strata.config import FinetuneConfig, PretrainConfig, load_config  # noqa: E402
 from strata.runtime import init_ray  # noqa: E402
 from strata.serve import traffic  # noqa: E402
 from strata.train.faults import WorkerKiller  # noqa: E402
@@ -36,7 +36,7 @@ def main() -> int:
     console = Console()
     started = time.perf_counter()
     run_name = time.strftime("pretrain-tiny-demo-%Y%m%d-%H%M%S")
-    cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", [f"run_name={run_name}"])
+    cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", PretrainConfig, [f"run_name={run_name}"])
 
     console.rule("1/5 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
     init_ray()
@@ -56,7 +56,7 @@ def main() -> int:
     # The fine-tuned model becomes the next version of the same registered model: the candidate release.
     model_name = cfg.tracking.registered_model
     overrides = [f"base_model={model_uri}", f"tracking.registered_model={model_name}"]
-    ft_cfg = load_config(ROOT / "configs/finetune-qlora-tiny.yaml", overrides, FinetuneConfig)
+    ft_cfg = load_config(ROOT / "configs/finetune-qlora-tiny.yaml", FinetuneConfig, overrides)
     ft_cfg = ft_cfg.model_copy(update={"run_name": f"{ft_cfg.resolved_run_name}-{stamp}"})
     tuned = run_finetuning(ft_cfg, console)
     for sample in tuned.samples:

@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 
 from strata.config import ServeConfig
-from strata.serve.deployments import build_application
+from strata.serve.app import build_application
 from strata.tracking import tracking_uri
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from strata.config import ConfigError, FinetuneConfig, PretrainConfig, flatten, load_config
+from strata.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from strata.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain-tiny.yaml"
@@ -29,7 +30,7 @@ def base_tree() -> dict:
 @pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(config_file):
     schema = FinetuneConfig if config_file.name.startswith("finetune") else PretrainConfig
-    cfg = load_config(config_file, schema=schema)
+    cfg = load_config(config_file, schema)
     assert cfg.grad_accum_steps >= 1
 
 
@@ -37,19 +38,19 @@ def test_finetune_config_errors_name_the_field(tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text("base_model: ./no-such-model\nmethod: qlora\n")
     with pytest.raises(ConfigError, match=r"base_model: .*neither a preset"):
-        load_config(path, schema=FinetuneConfig)
+        load_config(path, FinetuneConfig)
     path.write_text("base_model: tiny\nmethod: dora\n")
     with pytest.raises(ConfigError, match=r"method: Input should be 'full', 'lora' or 'qlora'"):
-        load_config(path, schema=FinetuneConfig)
+        load_config(path, FinetuneConfig)
     path.write_text("base_model: tiny\nlora: {target_parameters: [mlp.experts.down_proj], dropout: 0.1}\n")
     with pytest.raises(ConfigError, match=r"lora: dropout must be 0 with target_parameters"):
-        load_config(path, schema=FinetuneConfig)
-    derived = load_config(path, ["lora.dropout=0", "optim.lr=2e-4", "lora.rank=16", "method=qlora"], FinetuneConfig)
+        load_config(path, FinetuneConfig)
+    derived = load_config(path, FinetuneConfig, ["lora.dropout=0", "optim.lr=2e-4", "lora.rank=16", "method=qlora"])
     assert derived.resolved_run_name == "qlora-r16-lr2e-4-stdlib-docstrings"
 
 
 def test_overrides_apply_dotted_keys_with_yaml_types():
-    cfg = load_config(TINY, ["optim.lr=3e-4", "scaling.num_workers=1", "optim.betas=[0.8, 0.9]"])
+    cfg = load_config(TINY, PretrainConfig, ["optim.lr=3e-4", "scaling.num_workers=1", "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.lr == 3e-4
     assert cfg.scaling.num_workers == 1
     assert cfg.optim.betas == (0.8, 0.9)
@@ -74,7 +75,7 @@ def test_bad_config_names_file_and_field(tmp_path, change, field, message):
     change(tree)
     path = write(tmp_path, tree)
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        load_config(path, PretrainConfig)
     text = str(err.value)
     assert str(path) in text
     assert f"  {field}: " in text
@@ -83,11 +84,11 @@ def test_bad_config_names_file_and_field(tmp_path, change, field, message):
 
 def test_missing_config_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "nope.yaml")
+        load_config(tmp_path / "nope.yaml", PretrainConfig)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        load_config(TINY, ["optim.lr"])
+        load_config(TINY, PretrainConfig, ["optim.lr"])
     with pytest.raises(ConfigError, match=r"optim\.lr: Input should be greater than 0"):
-        load_config(TINY, ["optim.lr=-3"])
+        load_config(TINY, PretrainConfig, ["optim.lr=-3"])
 
 
 def test_cli_rejects_bad_config_before_starting_ray():

@@ -14,7 +14,7 @@ from strata import registry, tracking
 from strata.config import FinetuneConfig, LoraSettings, OptimConfig
 from strata.models.adapters import ADAPTER_DIR, merged_model, save_trained, trainable_model
 from strata.train.finetune import run_finetuning
-from strata.train.loop import make_optimizer
+from strata.train.trainer import make_optimizer
 
 CPU = torch.device("cpu")
 RECORDS = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}\n"} for i in range(240)]

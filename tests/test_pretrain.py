@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from strata import tracking
 from strata.config import PretrainConfig
 from strata.registry import generate_text
-from strata.train.loop import MODEL_DIR, TRAIN_STATE
 from strata.train.pretrain import run_pretraining
+from strata.train.pretrain_loop import MODEL_DIR, TRAIN_STATE
 
 pytestmark = pytest.mark.slow
 

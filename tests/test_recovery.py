@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from strata.config import PretrainConfig
 from strata.train.faults import WorkerKiller, wait_for_checkpoint
-from strata.train.loop import MODEL_DIR
 from strata.train.pretrain import run_pretraining
+from strata.train.pretrain_loop import MODEL_DIR
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 
@@ -25,13 +24,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     from strata.data.prepare import prepare_data
 
-    cfg = load_config(args.config, args.overrides, PretrainConfig)
+    cfg = load_config(args.config, PretrainConfig, args.overrides)
     prepare_data(cfg.data, console)
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides, PretrainConfig)  # fails before any Ray work starts
+    cfg = load_config(args.config, PretrainConfig, args.overrides)  # fails before any Ray work starts
     from strata.train.pretrain import run_pretraining
 
     started = time.perf_counter()
@@ -50,7 +49,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides, FinetuneConfig)
+    cfg = load_config(args.config, FinetuneConfig, args.overrides)
     from strata.data.sft import BadRecordsError
     from strata.train.finetune import run_finetuning
 
@@ -118,89 +117,44 @@ def cmd_spot_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    """Write a `serve deploy` config for registry aliases and a split, deploy it, and print the base URL."""
-    import yaml
-    from pydantic import ValidationError
-
-    from strata import paths, tracking
-    from strata.config import AuthSettings, EngineSettings, ServeConfig
+    """Deploy registry aliases behind the OpenAI API with a split, and print how to call it."""
     from strata.serve import deploy
-    from strata.serve.auth import KEYS_ENV
     from strata.serve.routing import parse_split
 
     try:
         weights = parse_split(args.split)
     except ValueError as err:
         raise ConfigError(f"--split: {err}") from None
-    tracking_uri = tracking.use_store()
-    try:
-        variants = deploy.variants_from_aliases(
-            args.model,
-            list(weights),
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            engine=EngineSettings(max_batch_size=args.max_batch_size),
-        )
-        keys_file = args.keys_file or _default_keys_file()
-        config = ServeConfig(
-            model_name=args.model,
-            variants=variants,
-            weights=weights,
-            tracking_uri=tracking_uri,
-            auth=AuthSettings(
-                api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
-                requests_per_minute=args.requests_per_minute,
-                burst=args.burst,
-            ),
-            audit={"path": paths.resolve("logs/audit.jsonl")},
-        )
-    except (ValueError, ValidationError) as err:
-        raise ConfigError(str(err)) from None
-    for variant in variants:
-        console.print(f"  {variant.name}: {variant.model} (weight {weights[variant.name]:g})")
-
-    dashboard = deploy.connect(args.address, num_cpus=args.cluster_cpus)
-    serve_config = deploy.deploy_application(
-        dashboard, deploy.application(config, args.app, args.route_prefix), args.port
+    request = deploy.DeployRequest(
+        model=args.model,
+        weights=weights,
+        app=args.app,
+        port=args.port,
+        route_prefix=args.route_prefix,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        max_batch_size=args.max_batch_size,
+        requests_per_minute=args.requests_per_minute,
+        burst=args.burst,
+        keys_file=args.keys_file,
+        out=args.out,
+        address=args.address,
+        cluster_cpus=args.cluster_cpus,
     )
-    out = Path(args.out or paths.resolve(f"serve/{args.app}.yaml"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(serve_config, sort_keys=False))
-    console.print(f"wrote the deployed config to {out} (`serve deploy {out}` re-applies it)")
-    with console.status(f"deploying {args.app!r} on {dashboard}") as status:
-        deploy.wait_until_running(dashboard, args.app, on_poll=lambda s: status.update(f"{args.app}: {s}"))
-    port = serve_config["http_options"]["port"]
-    base_url = f"http://127.0.0.1:{port}{args.route_prefix.rstrip('/')}/v1"
-    console.print(f"[green]serving[/green] {args.model} at {base_url}")
-    key_hint = f"$(head -1 {keys_file})" if keys_file else "${" + KEYS_ENV + "%%,*}"
+    with console.status(f"deploying {args.app!r}") as status:
+        deployed = deploy.deploy_aliases(request, log=console.print, on_status=status.update)
+    console.print(f"wrote the deployed config to {deployed.config_path} (`serve deploy` re-applies it)")
+    console.print(f"[green]serving[/green] {args.model} at {deployed.base_url}")
     body = f'{{"model": "{args.model}", "prompt": "def "}}'
     console.print(
-        f"""  curl {base_url}/completions -H "Authorization: Bearer {key_hint}" -H 'Content-Type: application/json' """
-        f"-d '{body}'",
+        f"""  curl {deployed.base_url}/completions -H "Authorization: Bearer {deployed.key_hint}" """
+        f"-H 'Content-Type: application/json' -d '{body}'",
         highlight=False,
         soft_wrap=True,
     )
     even = ",".join(f"{name}={100 // len(weights)}" for name in weights)
     console.print(f"  change the split live: strata split --app {args.app} {even}", highlight=False)
     return 0
-
-
-def _default_keys_file() -> str | None:
-    """$STRATA_API_KEYS if set; otherwise a keys file under $STRATA_HOME, made once with a fresh key."""
-    import secrets
-
-    from strata import paths
-    from strata.serve.auth import KEYS_ENV
-
-    if os.environ.get(KEYS_ENV):
-        return None
-    keys_file = Path(paths.resolve("serve/keys.txt"))
-    if not keys_file.exists():
-        keys_file.parent.mkdir(parents=True, exist_ok=True)
-        keys_file.write_text(f"sk-strata-{secrets.token_hex(16)}\n")
-        keys_file.chmod(0o600)
-        console.print(f"created an API key in {keys_file}")
-    return str(keys_file)
 
 
 def cmd_split(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ directory that serving and fine-tuning load with `from_pretrained`, and needs no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -93,6 +94,35 @@ def resolve_uri(model: str) -> str:
     if model.startswith("models:/"):
         return model
     return f"models:/{model}"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    directory: str  # a local transformers directory, or a hub id
+    tags: dict[str, str]  # what a model derived from it (a fine-tune) records about it
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """A model from the registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest`) downloaded to
+    a local directory; a local directory or a hub id is taken as it is."""
+    if not spec.startswith("models:/"):
+        return ResolvedModel(spec, {"base_model": spec})
+    name, _, ref = spec.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if ref:
+        version = client.get_model_version_by_alias(name, ref).version
+    else:
+        name, _, version = name.partition("/")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+        client.get_model_version(name, version)  # fails clearly if it does not exist
+    return ResolvedModel(
+        str(download_model(f"models:/{name}/{version}")),
+        {"base_model": name, "base_model_version": str(version)},
+    )
 
 
 def download_model(model_uri: str, dst: str | Path | None = None) -> Path:

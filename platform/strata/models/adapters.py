@@ -8,7 +8,6 @@ not nn.Linear, so bitsandbytes leaves them unquantised and LoRA reaches them thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,39 +17,6 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from strata.config import LoraSettings
 
 ADAPTER_DIR = "adapter"
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    directory: str  # a local transformers directory, or a hub id
-    tags: dict[str, str]  # what the fine-tuned version records about its base
-
-
-def resolve_base(spec: str) -> BaseModel:
-    """A base from the MLflow registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest`),
-    a local directory, or a hub id."""
-    if not spec.startswith("models:/"):
-        return BaseModel(spec, {"base_model": spec})
-    from mlflow.tracking import MlflowClient
-
-    from strata.registry import download_model
-
-    name, _, ref = spec.removeprefix("models:/").partition("@")
-    client = MlflowClient()
-    if ref:
-        version = client.get_model_version_by_alias(name, ref).version
-    else:
-        name, _, version = name.partition("/")
-        if version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ValueError(f"registered model {name!r} has no versions")
-            version = str(max(int(v.version) for v in versions))
-        client.get_model_version(name, version)  # fails clearly if it does not exist
-    return BaseModel(
-        str(download_model(f"models:/{name}/{version}")),
-        {"base_model": name, "base_model_version": str(version)},
-    )
 
 
 def quantization_config(use_gpu: bool) -> BitsAndBytesConfig:

@@ -11,11 +11,14 @@ import hashlib
 import hmac
 import math
 import os
+import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from strata.config import RateLimit
+from strata.paths import resolve
 from strata.serve.protocol import ApiError
 
 KEYS_ENV = "STRATA_API_KEYS"
@@ -32,6 +35,19 @@ def load_keys(keys_file: str | None) -> dict[str, str]:
         lines = Path(keys_file).read_text().splitlines()
         keys += [line.split("#", 1)[0].strip() for line in lines]
     return {key_id(k): k for k in keys if k}
+
+
+def ensure_keys_file(log: Callable[[str], None] = print) -> str | None:
+    """None when $STRATA_API_KEYS is set; otherwise `$STRATA_HOME/serve/keys.txt`, made once with a fresh key."""
+    if os.environ.get(KEYS_ENV):
+        return None
+    keys_file = Path(resolve("serve/keys.txt"))
+    if not keys_file.exists():
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
+        keys_file.write_text(f"sk-strata-{secrets.token_hex(16)}\n")
+        keys_file.chmod(0o600)
+        log(f"created an API key in {keys_file}")
+    return str(keys_file)
 
 
 class Authenticator:

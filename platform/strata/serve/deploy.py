@@ -15,19 +15,99 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-from strata.config import ServeConfig, VariantConfig
+from strata import paths, tracking
+from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig
+from strata.serve.auth import KEYS_ENV, ensure_keys_file
 from strata.serve.routing import Split
 
 IMPORT_PATH = "serve_apps.ab:build_app"
 ROUTER = "Router"
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What `strata deploy` asks for: registry aliases of one model, a split, and the resources per replica."""
+
+    model: str
+    weights: dict[str, float]
+    app: str = "strata"
+    port: int = 8000
+    route_prefix: str = "/"
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_batch_size: int = 32
+    requests_per_minute: float = 600
+    burst: int = 60
+    keys_file: str | None = None
+    out: str | None = None
+    address: str | None = None
+    cluster_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class Deployed:
+    base_url: str
+    config_path: Path
+    key_hint: str  # how a shell gets a key: `$(head -1 FILE)` or from $STRATA_API_KEYS
+
+
+def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, keys_file: str | None) -> ServeConfig:
+    """The application's config: one variant per alias, pinned to the version it points to now."""
+    try:
+        variants = variants_from_aliases(
+            request.model,
+            list(request.weights),
+            num_cpus=request.num_cpus,
+            num_gpus=request.num_gpus,
+            engine=EngineSettings(max_batch_size=request.max_batch_size),
+        )
+        return ServeConfig(
+            model_name=request.model,
+            variants=variants,
+            weights=request.weights,
+            tracking_uri=tracking_uri,
+            auth=AuthSettings(
+                api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
+                requests_per_minute=request.requests_per_minute,
+                burst=request.burst,
+            ),
+            audit={"path": paths.resolve("logs/audit.jsonl")},
+        )
+    except (ValueError, ValidationError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def deploy_aliases(
+    request: DeployRequest, log: Callable[[str], None] = print, on_status: Callable[[str], None] | None = None
+) -> Deployed:
+    """Resolve the aliases, deploy the application beside any others on the cluster, wait until it runs, and write
+    the deployed `serve deploy` config (so the same deployment can be re-applied by hand)."""
+    tracking_uri = tracking.use_store()
+    keys_file = request.keys_file or ensure_keys_file(log)
+    config = serve_config_from_aliases(request, tracking_uri, keys_file)
+    for variant in config.variants:
+        log(f"  {variant.name}: {variant.model} (weight {request.weights[variant.name]:g})")
+    dashboard = connect(request.address, num_cpus=request.cluster_cpus)
+    serve_config = deploy_application(dashboard, application(config, request.app, request.route_prefix), request.port)
+    out = Path(request.out or paths.resolve(f"serve/{request.app}.yaml"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(serve_config, sort_keys=False))
+    wait_until_running(dashboard, request.app, on_poll=on_status and (lambda s: on_status(f"{request.app}: {s}")))
+    port = serve_config["http_options"]["port"]
+    base_url = f"http://127.0.0.1:{port}{request.route_prefix.rstrip('/')}/v1"
+    key_hint = f"$(head -1 {keys_file})" if keys_file else "${" + KEYS_ENV + "%%,*}"
+    return Deployed(base_url, out, key_hint)
 
 
 def variants_from_aliases(model_name: str, aliases: list[str], **variant_options: Any) -> list[VariantConfig]:

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from strata.config import VariantConfig
-from strata.models.adapters import merged_model, resolve_base
+from strata.models.adapters import merged_model
+from strata.registry import resolve_model
 
 
 def serving_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -27,7 +28,7 @@ def fetch_adapter(uri: str) -> str:
 def load_for_serving(variant: VariantConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, str]]:
     """The model (eval mode, on the GPU if there is one), its tokenizer, and what it is (registry tags)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = resolve_base(variant.model)
+    base = resolve_model(variant.model)
     if variant.adapter:
         model = merged_model(base.directory, "lora", fetch_adapter(variant.adapter))
     else:

@@ -13,14 +13,12 @@ import hashlib
 import threading
 from collections.abc import Mapping
 
+from strata.config.serve import validate_weights
+
 
 class Split:
     def __init__(self, weights: Mapping[str, float], variants: list[str]):
-        unknown = sorted(set(weights) - set(variants))
-        if unknown:
-            raise ValueError(f"weights name unknown variants {unknown}; the variants are {variants}")
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"weights must be >= 0 and not all 0, got {dict(weights)}")
+        validate_weights(weights, variants)
         self.weights = {name: float(weights.get(name, 0.0)) for name in variants}
         total = sum(self.weights.values())
         self.active = [name for name, w in self.weights.items() if w > 0]

@@ -16,13 +16,14 @@ from rich.console import Console
 from transformers import AutoTokenizer
 
 from strata import registry, tracking
-from strata.config import FinetuneConfig, dump_config, flatten
+from strata.config import FinetuneConfig, dump_config
 from strata.data.sft import load_sft_dataset
-from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, resolve_base, trainable_model
-from strata.registry import generate_text
+from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, trainable_model
+from strata.registry import generate_text, resolve_model
 from strata.runtime import init_ray
-from strata.train.pretrain import make_trainer
+from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.sft_loop import finetune_loop_per_worker
+from strata.train.trainer import make_trainer
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def sample_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneResult:
     console = console or Console(stderr=True)
     uri = tracking.use_store(cfg.tracking.tracking_uri)
-    base = resolve_base(cfg.base_model)
+    base = resolve_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base.directory)
     dataset = load_sft_dataset(cfg.data, tokenizer)  # bad records fail here, before any Ray work
     console.print(
@@ -68,7 +69,7 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         "strata.dataset_hash": dataset.dataset_hash,
         **base.tags,
     }
-    with tracking.start_run(cfg.tracking.experiment, run_name, flatten(cfg), tags=tags) as run:
+    with tracking.start_run(cfg.tracking.experiment, run_name, tracking.flatten(cfg), tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
         mlflow.log_metric("bad_records", len(dataset.bad))
@@ -82,13 +83,8 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
             "eval": dataset.eval,
             "pad_id": tokenizer.pad_token_id,
         }
-        trainer = make_trainer(
-            cfg,
-            loop_config,
-            [tracking.MlflowMetricsCallback(uri, run_id)],
-            finetune_loop_per_worker,
-            run_name,
-        )
+        callbacks = [MlflowMetricsCallback(uri, run_id)]
+        trainer = make_trainer(cfg, finetune_loop_per_worker, loop_config, callbacks, run_name)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {run_name} finished without a checkpoint")

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
 from strata import registry, tracking
-from strata.config import PretrainConfig, dump_config, flatten
+from strata.config import PretrainConfig, dump_config
 from strata.data.prepare import prepare_data
 from strata.runtime import init_ray
-from strata.train.loop import EXPERT_LOAD, MODEL_DIR, train_loop_per_worker
+from strata.train.callbacks import MlflowMetricsCallback
+from strata.train.pretrain_loop import EXPERT_LOAD, MODEL_DIR, train_loop_per_worker
+from strata.train.trainer import make_trainer
 
 
 @dataclass(frozen=True)
@@ -31,33 +31,6 @@ class PretrainResult:
     first_loss: float | None
 
 
-def make_trainer(cfg, loop_config: dict, callbacks: list, train_fn=train_loop_per_worker, run_name: str | None = None):
-    """A TorchTrainer for a pretraining or fine-tuning config (both have scaling and checkpoint sections)."""
-    scaling = cfg.scaling
-    return TorchTrainer(
-        train_fn,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
-            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={
-                "CPU": scaling.cpus_per_worker,
-                **({"GPU": 1} if scaling.use_gpu else {}),
-                **scaling.resources_per_worker,
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name or cfg.run_name,
-            storage_path=cfg.checkpoint.resolved_storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=3),
-            callbacks=callbacks,
-        ),
-    )
-
-
 def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
     console = console or Console(stderr=True)
     data = prepare_data(cfg.data, console)
@@ -68,12 +41,14 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
     }
     with tracking.start_run(
-        cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags={"strata.job": "pretrain"}
+        cfg.tracking.experiment, cfg.run_name, tracking.flatten(cfg), tags={"strata.job": "pretrain"}
     ) as run:
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
         console.print(f"MLflow run {run_id} in {uri}")
-        trainer = make_trainer(cfg, loop_config, [tracking.MlflowMetricsCallback(uri, run_id)])
+        trainer = make_trainer(
+            cfg, train_loop_per_worker, loop_config, [MlflowMetricsCallback(uri, run_id)], cfg.run_name
+        )
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")

@@ -21,8 +21,8 @@ from strata import tracking
 from strata.config import FinetuneConfig
 from strata.data.packing import DataCursor, GlobalBatchSchedule
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
-from strata.models.adapters import ADAPTER_DIR, resolve_base, save_trained, trainable_model
-from strata.train.loop import checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
+from strata.models.adapters import ADAPTER_DIR, save_trained, trainable_model
+from strata.registry import resolve_model
 from strata.train.state import (
     TRAIN_STATE,
     report_with_checkpoint,
@@ -30,6 +30,7 @@ from strata.train.state import (
     save_train_state,
     seed_everything,
 )
+from strata.train.trainer import checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -80,7 +81,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         resumed_dir = checkpoint.to_directory()
         state = torch.load(Path(resumed_dir) / TRAIN_STATE, weights_only=False)
     tracking.use_store(loop_config["tracking_uri"])
-    base_dir = resolve_base(cfg.base_model).directory  # each worker fetches the base: nodes share no disk
+    base_dir = resolve_model(cfg.base_model).directory  # each worker fetches the base: nodes share no disk
     if cfg.method == "full" and resumed_dir:
         base_dir = str(Path(resumed_dir) / "model")
     adapter_dir = str(Path(resumed_dir) / ADAPTER_DIR) if resumed_dir and cfg.method != "full" else None

@@ -8,7 +8,6 @@ one. Every `checkpoint.every_steps` steps rank 0 writes model, optimizer, schedu
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,9 +16,8 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
-from strata.config import OptimConfig, PretrainConfig, dump_config
+from strata.config import PretrainConfig, dump_config
 from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
 from strata.data.tokenizer import load_tokenizer
 from strata.models.moe_stats import ExpertLoad, expert_load
@@ -31,6 +29,7 @@ from strata.train.state import (
     save_train_state,
     seed_everything,
 )
+from strata.train.trainer import checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
 
 MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
 EXPERT_LOAD = "expert_load.json"  # tokens per expert and router entropy, per layer, at that step
@@ -42,63 +41,12 @@ class DataPaths:
     packed_dir: str
 
 
-def lr_lambda(optim: OptimConfig):
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or router-free vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=False)
-
-
-def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, step: int, cursor: DataCursor, cfg):
     unwrapped = getattr(model, "module", model)
     unwrapped.save_pretrained(directory / MODEL_DIR)
     tokenizer.save_pretrained(directory / MODEL_DIR)
     save_train_state(directory, step, cursor.state_dict(), optimizer, scheduler)
     (directory / "config.yaml").write_text(dump_config(cfg))
-
-
-def hold_until_preempted(deadline_ms: int | None, slack_s: float = 30.0) -> None:
-    """After a just-in-time checkpoint, wait for Ray Train to tear this worker group down at the preemption
-    deadline and restart from that checkpoint: steps trained meanwhile would be lost. If the node outlives
-    the deadline (the reclaim was cancelled), training simply carries on."""
-    deadline_s = deadline_ms / 1000 if deadline_ms else time.time() + 120
-    while time.time() < deadline_s + slack_s:
-        time.sleep(0.5)
-
-
-def checkpoint_if_preempted(report_checkpoint, step: int) -> bool:
-    """On a preemption notice (a drained node), write a just-in-time checkpoint and hold; False otherwise.
-    `get_preemption_info` is a barrier: every rank must ask at the same steps."""
-    preemption = ray.train.get_preemption_info()
-    if preemption is None:
-        return False
-    report_checkpoint({"step": step, "preemption_checkpoint_step": step})
-    hold_until_preempted(preemption.deadline_ms)
-    return True
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -1,0 +1,114 @@
+"""The serving application: variants of one model, each with its engine settings, behind a router with a split."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from strata.config.base import StrictModel
+
+
+def validate_weights(weights: Mapping[str, float], variants: list[str]) -> None:
+    """Split weights name known variants only, are never negative, and are not all zero."""
+    unknown = sorted(set(weights) - set(variants))
+    if unknown:
+        raise ValueError(f"weights name unknown variants {unknown}; the variants are {variants}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"weights must be >= 0 and not all 0, got {dict(weights)}")
+
+
+class EngineSettings(StrictModel):
+    max_batch_size: int = Field(32, gt=0, description="Sequences decoded together (continuous batching slots).")
+    max_tokens_limit: int = Field(512, gt=0, description="The largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(16, gt=0, description="max_tokens when a request names none (OpenAI: 16).")
+    stream_interval_s: float = Field(
+        0.02, ge=0, description="Streamed tokens are sent at most this often (the first one at once)."
+    )
+    stream_chunks_per_s: float = Field(
+        200,
+        gt=0,
+        description="Chunks a replica streams per second across all its requests: with many streams each one's "
+        "interval grows, so the cost of streaming stays bounded while the batch grows.",
+    )
+    admission_group: int = Field(
+        4, gt=0, description="New requests join a running batch this many at a time (one prefill for the group)..."
+    )
+    admission_wait_s: float = Field(0.05, ge=0, description="...or once the first of them has waited this long.")
+    torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+
+
+class AutoscalingSettings(StrictModel):
+    """Serve's request-based autoscaling of one variant's replicas (its `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica to aim for.")
+    upscale_delay_s: float = Field(30, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(600, ge=0, description="Load must stay low this long before one is removed.")
+    look_back_period_s: float = Field(30, gt=0, description="The window the load is averaged over.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class VariantConfig(StrictModel):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]*$", description="e.g. stable, fast")
+    model: str = Field(..., description="models:/NAME@ALIAS, models:/NAME/VERSION or a transformers directory.")
+    adapter: str | None = Field(None, description="A LoRA adapter (directory or runs:/ URI) applied to `model`.")
+    num_replicas: int = Field(1, gt=0)
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+
+class RateLimit(StrictModel):
+    requests_per_minute: float = Field(600, gt=0, description="Per key, per router replica.")
+    burst: int = Field(60, gt=0, description="Requests a key may send at once before the per-minute rate applies.")
+
+
+class AuthSettings(RateLimit):
+    api_keys_file: str | None = Field(None, description="One key per line; added to $STRATA_API_KEYS.")
+    allow_anonymous: bool = Field(False, description="Serve without keys (local experiments only).")
+    key_limits: dict[str, RateLimit] = Field(
+        default_factory=dict, description="Per key id (`key-...`, as in the audit log): a different rate limit."
+    )
+
+
+class AuditSettings(StrictModel):
+    path: str = Field("logs/audit.jsonl", description="JSON lines, one per request.")
+    log_prompts: bool = Field(False, description="Also record prompts and completions.")
+
+
+class ServeConfig(StrictModel):
+    """The arguments of the A/B application (`serve_apps/ab.py`): one model name, N variants, a split."""
+
+    model_name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="The API's `model`.")
+    variants: list[VariantConfig] = Field(..., min_length=1)
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Initial split; live changes go to the router's user_config."
+    )
+    tracking_uri: str | None = Field(None, description="MLflow store holding the registry; default as for training.")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    router_replicas: int = Field(1, gt=0)
+    router_num_cpus: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _variants_and_weights(self) -> ServeConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        validate_weights(self.initial_weights, names)
+        return self
+
+    @property
+    def initial_weights(self) -> dict[str, float]:
+        return self.weights or {v.name: 1.0 for v in self.variants}

@@ -1,0 +1,95 @@
+"""Training machinery that pretraining and fine-tuning share: the TorchTrainer, the optimizer and its schedule,
+cross-rank means, and the just-in-time checkpoint on a preemption notice."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from strata.config import OptimConfig
+from strata.config.training import BatchedJob
+
+
+def make_trainer(cfg: BatchedJob, train_fn, loop_config: dict, callbacks: list, run_name: str) -> TorchTrainer:
+    """A TorchTrainer for a pretraining or fine-tuning config (both have scaling and checkpoint sections).
+
+    The same `run_name` and storage path resume from the latest checkpoint there."""
+    scaling = cfg.scaling
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers,
+            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={
+                "CPU": scaling.cpus_per_worker,
+                **({"GPU": 1} if scaling.use_gpu else {}),
+                **scaling.resources_per_worker,
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=cfg.checkpoint.resolved_storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def lr_lambda(optim: OptimConfig):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or router-free vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=False)
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def hold_until_preempted(deadline_ms: int | None, slack_s: float = 30.0) -> None:
+    """After a just-in-time checkpoint, wait for Ray Train to tear this worker group down at the preemption
+    deadline and restart from that checkpoint: steps trained meanwhile would be lost. If the node outlives
+    the deadline (the reclaim was cancelled), training simply carries on."""
+    deadline_s = deadline_ms / 1000 if deadline_ms else time.time() + 120
+    while time.time() < deadline_s + slack_s:
+        time.sleep(0.5)
+
+
+def checkpoint_if_preempted(report_checkpoint, step: int) -> bool:
+    """On a preemption notice (a drained node), write a just-in-time checkpoint and hold; False otherwise.
+    `get_preemption_info` is a barrier: every rank must ask at the same steps."""
+    preemption = ray.train.get_preemption_info()
+    if preemption is None:
+        return False
+    report_checkpoint({"step": step, "preemption_checkpoint_step": step})
+    hold_until_preempted(preemption.deadline_ms)
+    return True
