@@ -55,8 +55,8 @@ from strata.runtime import strata_runtime_env  # noqa: E402
 from strata.serve import protocol  # noqa: E402
 from strata.serve.app import build_application  # noqa: E402
 from strata.serve.model_server import ModelServer  # noqa: E402
-from strata.serve.router import engine_request  # noqa: E402
 from strata.serve.protocol import CompletionRequest  # noqa: E402
+from strata.serve.router import engine_request  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 THREADS = 2  # torch threads for the baselines and for the model replica
@@ -120,7 +120,9 @@ class DirectModelServer(ModelServer.func_or_class):
         reply = await self.complete(engine_request(body, body.max_tokens))
         usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
         rid = protocol.completion_id(chat=False)
-        return JSONResponse(protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage))
+        return JSONResponse(
+            protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage)
+        )
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
