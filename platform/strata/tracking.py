@@ -3,22 +3,48 @@
 The default store is a sqlite file under $STRATA_HOME/mlruns; MLFLOW_TRACKING_URI (or the config's
 `tracking.tracking_uri`) points Strata at a tracking server instead. Re-running a job with the same run
 name continues the same MLflow run, just as Ray Train continues from the same checkpoints.
+
+What the MLflow UI needs to show a training run as one: the experiment's kind, the data as dataset inputs
+(the runs table's Dataset column) and system metrics (CPU/GPU utilisation and memory, sampled by MLflow).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import os
+import warnings
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import Param
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Experiment, Param
+from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 from pydantic import BaseModel
 
 from strata.paths import home
 
+if TYPE_CHECKING:  # the data modules load torch and transformers, which the serving router does without
+    from strata.data.prepare import PreparedData
+    from strata.data.sft import SFTDataset
+
 RUN_NAME_TAG = "strata.run_name"
+# MLflow's record of what an experiment is for: model training here, not GenAI apps. The 3.17 UI picks its view
+# from its own GenAI | Model training switch instead, so `strata ui` also prints links to the training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+PRETRAINING = "custom_model_development"
+FINETUNING = "finetuning"
+# MLflow samples every 10 s by default, which leaves a short run with one point or none;
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still overrides it.
+SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 def default_tracking_uri() -> str:
@@ -39,17 +65,29 @@ def use_store(configured: str | None = None) -> str:
     return uri
 
 
-def ensure_experiment(name: str) -> str:
-    """The experiment's id; a new one keeps its artifacts beside a local sqlite store, not in the cwd."""
+def ensure_experiment(name: str, kind: str | None = None) -> str:
+    """The experiment's id; a new one keeps its artifacts beside a local sqlite store, not in the cwd.
+
+    `kind` (PRETRAINING, FINETUNING) tags the experiment for the UI, also one made before Strata tagged them;
+    a kind already set is left alone."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
+    kind_tag = {EXPERIMENT_KIND_TAG: kind} if kind else {}
     if experiment:
+        if kind and EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, kind)
         return experiment.experiment_id
     uri = mlflow.get_tracking_uri()
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifacts, tags=kind_tag)
+
+
+def training_experiments() -> list[Experiment]:
+    """The experiments tagged as model training (Strata's own), for links into the UI."""
+    kinds = (PRETRAINING, FINETUNING)
+    return [e for e in MlflowClient().search_experiments() if e.tags.get(EXPERIMENT_KIND_TAG) in kinds]
 
 
 def find_run(experiment_id: str, run_name: str) -> str | None:
@@ -74,17 +112,57 @@ def flatten(config: BaseModel) -> dict[str, Any]:
     return flat
 
 
-def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None):
-    """Start, or continue, the MLflow run that belongs to `run_name`; returns an active-run context manager."""
-    experiment_id = ensure_experiment(experiment)
+def start_run(
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str] | None = None,
+    kind: str | None = None,
+):
+    """Start, or continue, the MLflow run that belongs to `run_name`; returns an active-run context manager.
+    MLflow samples the machine's system metrics for as long as the run is open."""
+    experiment_id = ensure_experiment(experiment, kind)
+    if MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() is None:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     existing = find_run(experiment_id, run_name)
     if existing:
-        return mlflow.start_run(run_id=existing)
+        return mlflow.start_run(run_id=existing, log_system_metrics=True)
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})}
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags={RUN_NAME_TAG: run_name, **(tags or {})},
+        log_system_metrics=True,
     )
     client = MlflowClient()
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run
+
+
+def log_dataset(source: str, name: str, digest: str, schema: Schema, context: str) -> None:
+    """Record data the active run used as an MLflow dataset input: metadata only, the data stays where it is."""
+    with warnings.catch_warnings():  # mlflow registers its local-file source twice, then warns it found two
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        dataset_source = resolve_dataset_source(source)
+    dataset = MetaDataset(dataset_source, name=name, digest=digest, schema=schema)
+    mlflow.log_input(dataset, context=context)
+
+
+def log_packed_data(name: str, data: PreparedData) -> None:
+    """Pretraining data: the packed token sequences, identified by their manifest (corpus, tokenizer, length)."""
+    digest = hashlib.sha256(json.dumps(asdict(data.packed), sort_keys=True).encode()).hexdigest()[:16]
+    schema = Schema([ColSpec(Array(DataType.integer), "input_ids")])  # data.seq_len tokens a row
+    log_dataset(data.packed_dir, name, digest, schema, context="training")
+
+
+def log_sft_data(dataset: SFTDataset) -> None:
+    """Fine-tuning data: the SFT file's train and eval splits, both with the file's hash as digest (the split
+    itself follows from `data.eval_fraction`). The schema is the records' fields, read from the first few."""
+    from strata.data.sft import read_records
+
+    records = itertools.islice((r for _, r in read_records(Path(dataset.source)) if isinstance(r, dict)), 100)
+    schema = infer_signature(list(records)).inputs
+    name = Path(dataset.source).stem
+    log_dataset(dataset.source, f"{name}-train", dataset.dataset_hash, schema, context="training")
+    log_dataset(dataset.source, f"{name}-eval", dataset.dataset_hash, schema, context="eval")

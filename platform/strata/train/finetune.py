@@ -69,9 +69,12 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         "strata.dataset_hash": dataset.dataset_hash,
         **base.tags,
     }
-    with tracking.start_run(cfg.tracking.experiment, run_name, tracking.flatten(cfg), tags=tags) as run:
+    with tracking.start_run(
+        cfg.tracking.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=tracking.FINETUNING
+    ) as run:
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
+        tracking.log_sft_data(dataset)
         mlflow.log_metric("bad_records", len(dataset.bad))
         if dataset.bad:
             mlflow.log_text("\n".join(map(str, dataset.bad)), "bad_records.txt")

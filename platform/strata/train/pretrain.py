@@ -41,10 +41,15 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
     }
     with tracking.start_run(
-        cfg.tracking.experiment, cfg.run_name, tracking.flatten(cfg), tags={"strata.job": "pretrain"}
+        cfg.tracking.experiment,
+        cfg.run_name,
+        tracking.flatten(cfg),
+        tags={"strata.job": "pretrain"},
+        kind=tracking.PRETRAINING,
     ) as run:
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
+        tracking.log_packed_data(cfg.data.name, data)
         console.print(f"MLflow run {run_id} in {uri}")
         trainer = make_trainer(
             cfg, train_loop_per_worker, loop_config, [MlflowMetricsCallback(uri, run_id)], cfg.run_name
