@@ -96,10 +96,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from strata import tracking
 
-    uri = tracking.tracking_uri()
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
-    os.execvp(command[0], command)
+    uri = tracking.use_store()
+    url = f"http://127.0.0.1:{args.port}"
+    console.print(f"MLflow UI for {uri} on {url}", soft_wrap=True, highlight=False)
+    # MLflow 3.17's UI picks an experiment's view from its sidebar switch (GenAI until the user picks Model
+    # training), not from the experiment's kind: these links open the training runs whatever the switch says.
+    for experiment in tracking.training_experiments():
+        link = f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+        console.print(f"  {experiment.name}: {link}", soft_wrap=True, highlight=False)
+    # This Python's own mlflow: `mlflow` on PATH is missing (or another one) when the venv is not activated.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    # One user, one worker: mlflow's default of 4 workers is slow to start on a 2-core machine.
+    command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    os.execv(sys.executable, command)
 
 
 def cmd_spot_watch(args: argparse.Namespace) -> int:
