@@ -8,6 +8,7 @@ directory that serving and fine-tuning load with `from_pretrained`, and needs no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 HF_ARTIFACT = "hf_model"
 DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0}
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow")
 
 
 class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
@@ -56,12 +58,18 @@ def log_model(hf_dir: str | Path, registered_name: str | None, tags: dict[str, s
         artifacts={HF_ARTIFACT: str(hf_dir)},
         signature=infer_signature(["def main("], ["    pass"], params=DEFAULT_PARAMS),
         # Explicit requirements: inferring them would load the model in a subprocess.
-        pip_requirements=["torch", "transformers", "tokenizers", "mlflow"],
+        pip_requirements=pinned_requirements(),
     )
     if not registered_name:
         return None
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     return version
+
+
+def pinned_requirements() -> list[str]:
+    """What loading a model needs, at the versions it was logged with: `torch==2.13.0` (without a local label such
+    as `+cpu`, so that any build of that release satisfies it)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
 FINAL_CHECKPOINT_TAG = "strata.final_checkpoint"
