@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from strata.config import ModelConfig
+from strata.config.model import COMMON
 from strata.models.moe_stats import ExpertLoadRecorder, expert_load
 from strata.models.presets import PRESETS, build_model, count_parameters, preset_config
 
@@ -19,12 +20,29 @@ def test_preset_configs_are_moe_with_expected_sizes(name):
     assert config.router_aux_loss_coef > 0 and config.decoder_sparse_step == 1
 
 
-def test_preset_sizes():
-    tiny = count_parameters(build_model("tiny", 4096, SPECIAL))
-    assert 1e6 < tiny["total"] < 5e6 and tiny["active"] < tiny["total"]
-    with torch.device("meta"):  # the 1B preset, counted without allocating its weights
-        big = count_parameters(build_model("moe-1b", 32000, SPECIAL))
-    assert 0.9e9 < big["total"] < 1.2e9 and big["active"] < 0.3 * big["total"]
+@pytest.mark.parametrize(
+    ("name", "vocab", "total", "active"),
+    [
+        ("tiny", 4096, 1_936_128, 1_346_304),
+        ("small", 4096, 48_014_976, 10_856_064),
+        ("moe-1b", 32000, 1_019_321_600, 226_598_144),
+    ],
+)
+def test_preset_sizes(name, vocab, total, active):
+    """Counted by hand from the preset: untied embeddings, per layer q/k/v/o (no bias), q/k norms, two norms,
+    a router and `num_experts` SwiGLU experts (gate, up, down), of which `num_experts_per_tok` run per token."""
+    p = {**COMMON, **PRESETS[name]}
+    hidden, head_dim, experts = p["hidden_size"], p["head_dim"], p["num_experts"]
+    attention = hidden * head_dim * 2 * (p["num_attention_heads"] + p["num_key_value_heads"]) + 2 * head_dim
+    dense_per_layer = attention + 2 * hidden + hidden * experts
+    expert = 3 * hidden * p["moe_intermediate_size"]
+    outside_layers = 2 * vocab * hidden + hidden  # input and output embeddings (untied), final norm
+    layers = p["num_hidden_layers"]
+    assert not p["tie_word_embeddings"]
+    assert outside_layers + layers * (dense_per_layer + experts * expert) == total
+    assert outside_layers + layers * (dense_per_layer + p["num_experts_per_tok"] * expert) == active
+    with torch.device("meta"):  # counted without allocating the weights
+        assert count_parameters(build_model(name, vocab, SPECIAL)) == {"total": total, "active": active}
 
 
 def test_tiny_forward_backward_includes_load_balancing_loss():
