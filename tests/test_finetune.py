@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from strata import registry, tracking
 from strata.config import FinetuneConfig, LoraSettings, OptimConfig
@@ -131,6 +132,7 @@ def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registere
     assert run.data.metrics["bad_records"] == 1
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "samples.json", "adapter", "bad_records.txt"} <= artifacts
+    assert_shown_as_training_in_the_ui(client, run)
 
     checkpoint = Path(result.checkpoint_path)
     assert (checkpoint / ADAPTER_DIR / "adapter_model.safetensors").exists()
@@ -142,6 +144,52 @@ def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registere
     merged_dir = registry.download_model(f"models:/strata-test-sft/{result.registered_version}")
     config = json.loads((merged_dir / "config.json").read_text())
     assert "quantization_config" not in config  # a plain, dequantised model anyone can load
+
+
+def assert_shown_as_training_in_the_ui(client: MlflowClient, run) -> None:
+    """What the MLflow UI needs: the experiment's kind, the data as datasets, and system metrics."""
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"
+    datasets = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
+    assert {c: d.name for c, d in datasets.items()} == {"training": "sft-train", "eval": "sft-eval"}
+    assert {d.digest for d in datasets.values()} == {run.data.tags["strata.dataset_hash"]}
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "system_memory_usage_percentage"):
+        assert f"system/{key}" in run.data.metrics, key
+
+
+@pytest.mark.slow
+def test_full_finetuning_on_ray_trains_every_weight_and_registers(ray_session, registered_base, tiny_base, strata_home):
+    train_file = strata_home / "sft.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    cfg = finetune_config(
+        registered_base,
+        "full",
+        train_file,
+        max_steps=10,
+        sample_prompts=[],  # no generation: this test is about what trains and what is saved
+        optim={"lr": 3e-3, "warmup_steps": 2, "max_steps": 10, "micro_batch_size": 4, "global_batch_size": 8},
+    )
+    result = run_finetuning(cfg)
+
+    assert result.run_name == "full-lr3e-3-sft"
+    assert result.metrics["eval_loss"] < result.first_eval_loss - 0.5, (result.first_eval_loss, result.metrics)
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(result.run_id)
+    assert run.data.params["trainable_params"] == run.data.params["total_params"]
+    assert "adapter" not in {a.path for a in client.list_artifacts(result.run_id)}
+    assert_shown_as_training_in_the_ui(client, run)
+
+    checkpoint = Path(result.checkpoint_path)
+    assert not (checkpoint / ADAPTER_DIR).exists()
+    trained = load_file(checkpoint / "model" / "model.safetensors")  # the whole model is checkpointed
+    base = load_file(tiny_base / "model.safetensors")
+    assert trained.keys() == base.keys()
+    assert [k for k in base if torch.equal(trained[k], base[k])] == [], "weights that did not train"
+
+    version = client.get_model_version("strata-test-sft", result.registered_version)
+    assert version.tags["strata.method"] == "full" and version.run_id == result.run_id
+    registered = load_file(registry.download_model(f"models:/strata-test-sft/{version.version}") / "model.safetensors")
+    assert registered.keys() == trained.keys() and all(torch.equal(registered[k], trained[k]) for k in trained)
 
 
 @pytest.mark.slow
