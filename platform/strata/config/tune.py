@@ -94,7 +94,9 @@ class TuneConfig(StrictModel):
     )
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     max_concurrent_trials: int = Field(1, gt=0)
-    trial_driver_cpus: float = Field(0, ge=0, description="CPUs of each trial's driver; its workers ask for theirs.")
+    trial_driver_cpus: float = Field(
+        0.1, gt=0, description="CPUs of each trial's driver, which mostly waits; its workers ask for their own."
+    )
     storage_path: str = Field("runs/tune", description="Tune's and the trials' checkpoints (local or s3://).")
     experiment: str = "strata-tune"
     registered_model: str | None = Field(None, description="Where the best model is registered; default: the job's.")
