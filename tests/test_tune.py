@@ -133,6 +133,8 @@ def test_asha_stops_the_poor_trial_nests_trials_in_mlflow_and_registers_the_best
         assert "eval_loss" in child.data.metrics and "optim.lr" in child.data.params
         history = client.get_metric_history(child.info.run_id, "eval_loss")
         assert len(history) >= 2  # reported at regular intervals, not only at the end
+    completed = next(c for c in children if c.data.tags["strata.stop_reason"] == "completed")
+    assert set(REPORTED_METRICS["finetune"]) <= set(completed.data.metrics)  # what the sweep checks metrics against
     assert parent.data.metrics["trial_steps"] == result.trial_steps
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.json", "best_config.yaml", "search_space.yaml"} <= artifacts

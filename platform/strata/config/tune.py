@@ -25,7 +25,8 @@ from strata.config.pretrain import PretrainConfig
 
 JOBS: dict[str, type[StrictModel]] = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
 
-# What each job's worker loop reports (the metrics a sweep can optimise); tests hold the loops to these lists.
+# What each job's worker loop reports (the metrics a sweep can optimise); the sweep and pretraining tests check
+# that real runs report them.
 REPORTED_METRICS: dict[str, tuple[str, ...]] = {
     "finetune": ("eval_loss", "eval_perplexity", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"),
     "pretrain": ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "expert_imbalance", "router_entropy"),
@@ -88,6 +89,7 @@ class TuneConfig(StrictModel):
         "random", description="optuna: Bayesian (TPE); grid: every combination of `grid` values."
     )
     num_samples: int = Field(8, gt=0, description="Trials (with grid: draws per grid point).")
+    seed: int = Field(0, description="Seeds random and Bayesian search, so a sweep draws the same trials again.")
     max_steps: int = Field(..., gt=0, description="Each trial's budget in optimizer steps (optim.max_steps).")
     report_every_steps: int = Field(
         10, gt=0, description="Trials evaluate, checkpoint and report this often: the scheduler's decision points."

@@ -19,6 +19,7 @@ import ray.tune
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from rich.console import Console
 
 from strata import registry, tracking
@@ -70,10 +71,10 @@ def make_scheduler(tune: TuneConfig):
 
 def make_search(tune: TuneConfig):
     if tune.search != "optuna":
-        return None  # Tune's random / grid variant generator
+        return BasicVariantGenerator(random_state=tune.seed)  # random draws, and every grid point
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(metric=tune.metric, mode=tune.mode, seed=0)
+    return OptunaSearch(metric=tune.metric, mode=tune.mode, seed=tune.seed)
 
 
 def make_tuner(tune: TuneConfig, context: SweepContext) -> ray.tune.Tuner:
