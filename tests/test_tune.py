@@ -162,31 +162,24 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(registered_tun
     log = (strata_home / "first.log").open("w")
     first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = MlflowClient()
+    state_dir = strata_home / "runs" / "tune" / "sweep-test-tuner"
     deadline = time.monotonic() + 600
-    finished = None
-    while finished is None:  # kill the driver once the first trial has finished and the second has started
+    # Kill the driver once Tune's saved experiment state records the first trial as finished (the second has
+    # started by then: trials run one at a time).
+    while not any("TERMINATED" in p.read_text() for p in state_dir.glob("experiment_state-*.json")):
         assert first.poll() is None, (strata_home / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the first trial never finished"
-        time.sleep(1)
-        runs = (
-            client.search_runs(
-                [e.experiment_id for e in client.search_experiments(filter_string="name = 'tune-test'")],
-                filter_string="tags.`strata.sweep` = 'sweep-test'",
-            )
-            if client.get_experiment_by_name("tune-test")
-            else []
-        )
-        done = [r for r in runs if r.data.metrics.get("progress_step") == 10]
-        if done and len(runs) == 2:
-            finished = done[0]
+        time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    parent_before = tracking.find_run(client.get_experiment_by_name("tune-test").experiment_id, "sweep-test")
+    experiment = client.get_experiment_by_name("tune-test").experiment_id
+    parent_before = tracking.find_run(experiment, "sweep-test")
+    trial_runs = client.search_runs([experiment], filter_string="tags.`strata.sweep` = 'sweep-test'")
+    [finished] = [r for r in trial_runs if r.data.metrics.get("progress_step") == 10]
     finished_history = client.get_metric_history(finished.info.run_id, "progress_step")
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
-    experiment = client.get_experiment_by_name("tune-test").experiment_id
     assert tracking.find_run(experiment, "sweep-test") == parent_before  # the same parent run continues
     runs = client.search_runs([experiment], filter_string="tags.`strata.sweep` = 'sweep-test'")
     assert len(runs) == 2 and all(r.data.tags.get("strata.stop_reason") == "completed" for r in runs)
