@@ -2,7 +2,8 @@
 
 corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers, killing one worker on the way (Ray Train
 restarts the group from the last checkpoint) -> register it in MLflow -> generate -> QLoRA fine-tune of that
-version on docstring -> function pairs -> register the merged model as the next version -> serve both versions
+version on docstring -> function pairs -> register the merged model as the next version -> a short LoRA sweep on
+Ray Tune (ASHA stops the poor trials early; the best is registered, not promoted) -> serve both versions
 (aliases `stable` and `fast`) behind one OpenAI endpoint with a 90/10 split, and send them a few hundred requests.
 """
 
@@ -38,20 +39,20 @@ def main() -> int:
     run_name = time.strftime("pretrain-tiny-demo-%Y%m%d-%H%M%S")
     cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", PretrainConfig, [f"run_name={run_name}"])
 
-    console.rule("1/5 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
+    console.rule("1/6 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
     init_ray()
     run_dir = Path(cfg.checkpoint.resolved_storage_path) / run_name
     killer = WorkerKiller(run_dir, after_step=100).start()  # a real SIGKILL, as a lost spot node would be
     result = run_pretraining(cfg, console)
     recovery = mlflow.MlflowClient().get_run(result.run_id).data.metrics
 
-    console.rule("2/5 generating from the registered model")
+    console.rule("2/6 generating from the registered model")
     model_uri = f"models:/{cfg.tracking.registered_model}/{result.registered_version}"
     model = mlflow.pyfunc.load_model(model_uri)
     for prompt, text in zip(PROMPTS, model.predict(PROMPTS, params={"max_new_tokens": 32}), strict=False):
         console.print(f"[dim]{prompt!r}[/dim] -> {text!r}", highlight=False)
 
-    console.rule("3/5 QLoRA fine-tuning of the registered model")
+    console.rule("3/6 QLoRA fine-tuning of the registered model")
     stamp = run_name.removeprefix("pretrain-tiny-demo-")
     # The fine-tuned model becomes the next version of the same registered model: the candidate release.
     model_name = cfg.tracking.registered_model
@@ -64,7 +65,23 @@ def main() -> int:
         console.print(f"  base:       {sample['base_output']!r}", highlight=False)
         console.print(f"  fine-tuned: {sample['finetuned_output']!r}", highlight=False)
 
-    console.rule("4/5 serving stable (pretrained) and fast (fine-tuned), split 90/10")
+    console.rule("4/6 a LoRA sweep on Ray Tune: three learning rates, ASHA stopping the poor ones early")
+    sweep_overrides = [
+        f"name=demo-sweep-{stamp}",
+        f"overrides.base_model={model_uri}",
+        "search=grid",
+        "search_space={optim.lr: {grid: [3.0e-3, 3.0e-5, 1.0e-3]}, lora.rank: {choice: [8]}}",
+        "num_samples=1",
+        "max_steps=30",
+        f"registered_model={model_name}",  # the best trial is the next candidate version
+    ]
+    swept = strata_cli(
+        ["tune", "--config", str(ROOT / "configs/tune-lora-tiny.yaml")] + [f"--set={o}" for o in sweep_overrides]
+    )
+    if swept != 0:
+        return swept
+
+    console.rule("5/6 serving stable (pretrained) and fast (fine-tuned), split 90/10")
     registry.set_alias(model_name, "stable", result.registered_version)
     registry.set_alias(model_name, "fast", tuned.registered_version)
     port = free_port()
@@ -93,7 +110,7 @@ def main() -> int:
         )
     console.print(split_table)
 
-    console.rule("5/5 summary")
+    console.rule("6/6 summary")
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")

@@ -76,6 +76,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from strata.config.tune import load_tune_config
+
+    tune, base_tree = load_tune_config(args.config, args.overrides)  # every bad search space fails here
+    from strata.tune.progress import leaderboard, trials_table
+    from strata.tune.sweep import run_sweep
+
+    started = time.perf_counter()
+    result = run_sweep(tune, base_tree, console)
+    ranked = leaderboard(result.trials, tune.metric, tune.mode)
+    console.print(trials_table(f"leaderboard: {tune.name}", ranked, list(tune.search_space), tune.metric))
+    console.rule(f"sweep {tune.name}: {len(result.trials)} trials in {time.perf_counter() - started:.0f}s")
+    full = len(result.trials) * tune.max_steps
+    console.print(f"compute: {result.trial_steps} trial-steps ({full} had every trial run to the end)")
+    if result.best:
+        best = result.best
+        console.print(f"best: trial {best['trial']} {tune.metric}={best[tune.metric]:.4f} {best['params']}")
+    if result.registered_version:
+        console.print(f"registered: models:/{tune.registered_model}/{result.registered_version} (not promoted)")
+    console.print(f"MLflow parent run: {result.parent_run_id} (experiment {tune.experiment})")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = sub.add_parser("finetune", help="LoRA, QLoRA or full fine-tuning on Ray Train")
     add_config_args(finetune)
     finetune.set_defaults(func=cmd_finetune)
+
+    tune = sub.add_parser("tune", help="hyperparameter sweep (Ray Tune) over a fine-tuning or pretraining config")
+    add_config_args(tune)
+    tune.set_defaults(func=cmd_tune)
 
     generate = sub.add_parser("generate", help="generate text from a registered model or a model directory")
     generate.add_argument("--model", required=True, help="models:/NAME@ALIAS, NAME/VERSION or a directory")

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from strata import registry, tracking
 from strata.config import FinetuneConfig, dump_config
-from strata.data.sft import load_sft_dataset
+from strata.data.sft import SFTDataset, load_sft_dataset
 from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, trainable_model
 from strata.registry import generate_text, resolve_model
 from strata.runtime import init_ray
@@ -140,3 +140,18 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         samples,
         len(dataset.bad),
     )
+
+
+def finetune_loop_config(cfg: FinetuneConfig, tracking_uri: str) -> tuple[dict, SFTDataset]:
+    """What every fine-tuning worker is given: the config, the tokenized examples and the pad id."""
+    base = resolve_model(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base.directory)
+    dataset = load_sft_dataset(cfg.data, tokenizer)  # bad records fail here, before any Ray work
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "tracking_uri": tracking_uri,
+        "train": dataset.train,
+        "eval": dataset.eval,
+        "pad_id": tokenizer.pad_token_id,
+    }
+    return loop_config, dataset

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from strata import registry, tracking
 from strata.config import PretrainConfig, dump_config
-from strata.data.prepare import prepare_data
+from strata.data.prepare import PreparedData, prepare_data
 from strata.runtime import init_ray
 from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.pretrain_loop import EXPERT_LOAD, MODEL_DIR, train_loop_per_worker
@@ -80,3 +80,13 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         registered_version=version,
         first_loss=first_loss,
     )
+
+
+def pretrain_loop_config(cfg: PretrainConfig, console: Console | None = None) -> tuple[dict, PreparedData]:
+    """What every pretraining worker is given: the config and where the tokenizer and packed data are."""
+    data = prepare_data(cfg.data, console)
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
+    }
+    return loop_config, data

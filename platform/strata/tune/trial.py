@@ -1,0 +1,64 @@
+"""One trial of a sweep: the job's own Ray Train run (same loop, checkpoints, resume and recovery as
+`strata finetune` / `strata pretrain`) with sampled params, reporting to Tune and to its own nested MLflow run.
+
+Tune runs `run_trial` as a function trainable; inside it a `TorchTrainer` runs the workers, and Train's
+`TuneReportCallback` forwards every report (with its checkpoint path) to Tune, whose scheduler may stop the trial.
+A restored sweep re-runs unfinished trials with their old trial ids, so their Train runs resume from checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from strata import tracking
+from strata.config.tune import TuneConfig, trial_tree
+from strata.train.callbacks import MlflowMetricsCallback
+from strata.train.trainer import make_trainer
+
+TRIAL_TAG = "strata.trial_id"
+SWEEP_TAG = "strata.sweep"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its sampled params (sent once to the trial actors)."""
+
+    tune: TuneConfig
+    base_tree: dict[str, Any]
+    tracking_uri: str
+    parent_run_id: str
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}-{trial_id}"
+
+
+def run_trial(params: dict[str, Any], context: SweepContext) -> None:
+    tune = context.tune
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = trial_run_name(tune.name, trial_id)
+    tree = trial_tree(tune, context.base_tree, params, run_name)
+    cfg = tune.schema.model_validate(tree)
+    tracking.use_store(context.tracking_uri)
+    train_fn, loop_config = worker_inputs(tune.job, cfg, context.tracking_uri)
+    tags = {"mlflow.parentRunId": context.parent_run_id, SWEEP_TAG: tune.name, TRIAL_TAG: trial_id}
+    with tracking.start_run(tune.experiment, run_name, tracking.flatten(cfg), tags=tags) as run:
+        callbacks = [TuneReportCallback(), MlflowMetricsCallback(context.tracking_uri, run.info.run_id)]
+        make_trainer(cfg, train_fn, loop_config, callbacks, run_name).fit()
+
+
+def worker_inputs(job: str, cfg, tracking_uri: str):
+    """The worker loop and its `train_loop_config`, exactly as the job's own driver builds them."""
+    if job == "finetune":
+        from strata.train.finetune import finetune_loop_config
+        from strata.train.sft_loop import finetune_loop_per_worker
+
+        return finetune_loop_per_worker, finetune_loop_config(cfg, tracking_uri)[0]
+    from strata.train.pretrain import pretrain_loop_config
+    from strata.train.pretrain_loop import train_loop_per_worker
+
+    return train_loop_per_worker, pretrain_loop_config(cfg)[0]
