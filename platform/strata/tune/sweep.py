@@ -124,7 +124,8 @@ def run_sweep(tune: TuneConfig, base_tree: dict[str, Any], console: Console | No
         "max_steps": tune.max_steps,
         "search_space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in tune.search_space.items()}),
     }
-    with tracking.start_run(tune.experiment, tune.name, params, tags={"strata.job": "tune"}) as parent:
+    kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
+    with tracking.start_run(tune.experiment, tune.name, params, tags={"strata.job": "tune"}, kind=kind) as parent:
         console.print(f"sweep {tune.name}: MLflow parent run {parent.info.run_id} in {uri}")
         context = SweepContext(tune, base_tree, uri, parent.info.run_id)
         grid = make_tuner(tune, context).fit()

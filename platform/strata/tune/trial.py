@@ -44,21 +44,27 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     tree = trial_tree(tune, context.base_tree, params, run_name)
     cfg = tune.schema.model_validate(tree)
     tracking.use_store(context.tracking_uri)
-    train_fn, loop_config = worker_inputs(tune.job, cfg, context.tracking_uri)
     tags = {"mlflow.parentRunId": context.parent_run_id, SWEEP_TAG: tune.name, TRIAL_TAG: trial_id}
-    with tracking.start_run(tune.experiment, run_name, tracking.flatten(cfg), tags=tags) as run:
+    kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
+    with tracking.start_run(tune.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=kind) as run:
+        train_fn, loop_config = worker_inputs(tune.job, cfg, context.tracking_uri)
         callbacks = [TuneReportCallback(), MlflowMetricsCallback(context.tracking_uri, run.info.run_id)]
         make_trainer(cfg, train_fn, loop_config, callbacks, run_name).fit()
 
 
 def worker_inputs(job: str, cfg, tracking_uri: str):
-    """The worker loop and its `train_loop_config`, exactly as the job's own driver builds them."""
+    """The worker loop and its `train_loop_config`, exactly as the job's own driver builds them; the data is
+    logged to the active MLflow run as the driver does."""
     if job == "finetune":
         from strata.train.finetune import finetune_loop_config
         from strata.train.sft_loop import finetune_loop_per_worker
 
-        return finetune_loop_per_worker, finetune_loop_config(cfg, tracking_uri)[0]
+        loop_config, dataset = finetune_loop_config(cfg, tracking_uri)
+        tracking.log_sft_data(dataset)
+        return finetune_loop_per_worker, loop_config
     from strata.train.pretrain import pretrain_loop_config
     from strata.train.pretrain_loop import train_loop_per_worker
 
-    return train_loop_per_worker, pretrain_loop_config(cfg)[0]
+    loop_config, data = pretrain_loop_config(cfg)
+    tracking.log_packed_data(cfg.data.name, data)
+    return train_loop_per_worker, loop_config
