@@ -1,5 +1,6 @@
 """Training machinery without Ray: the token-weighted SFT loss under accumulation and DDP (a real 2-process gloo
-group), cross-rank means, and preemption checks after a cancelled reclaim."""
+group), cross-rank means, preemption checks after a cancelled reclaim, and a pretrained model's vocabulary
+checked against the tokenizer before any Ray work."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ray.train import PreemptionInfo
 
+from strata.config import ConfigError, ModelConfig, PretrainConfig
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
-from strata.models.presets import build_model
+from strata.data.tokenizer import load_tokenizer
+from strata.models.presets import build_model, check_tokenizer_fits
+from strata.train.pretrain import run_pretraining
 from strata.train.sft_loop import accumulate_gradients, response_loss
 from strata.train.trainer import PreemptionGuard, mean_across_ranks, sum_across_ranks
 
@@ -110,3 +114,27 @@ def test_preemption_is_asked_only_every_n_steps():
     guard = PreemptionGuard(every_steps=3, poll=lambda: asked.append(True))
     wrote = [guard.check(step, lambda metrics: None) for step in range(1, 10)]
     assert len(asked) == 3 and not any(wrote)
+
+
+def test_a_pretrained_model_with_another_vocabulary_stops_pretraining_before_ray(small_data, tiny_base, tmp_path):
+    """A local HF directory stands in for a hub model: its vocabulary is not the trained tokenizer's."""
+    data_cfg, prepared = small_data
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    other = tmp_path / "other-vocab"
+    build_model("tiny", 2 * len(tokenizer), SPECIAL, seed=0).save_pretrained(other)  # no tokenizer of its own
+    config = PretrainConfig(run_name="other-vocab", model={"name": str(other)}, data=data_cfg)
+
+    with pytest.raises(ConfigError) as err:
+        run_pretraining(config)  # raises before Ray starts: no Ray in this test
+    assert f"model.name '{other}' does not fit the tokenizer" in str(err.value)
+    assert f"data.vocab_size={data_cfg.vocab_size}" in str(err.value)
+    assert f"a {2 * len(tokenizer)}-token vocabulary, the tokenizer {len(tokenizer)} tokens" in str(err.value)
+
+    # Its own tokenizer fits; asked to, the other model is resized to the tokenizer, with its special ids.
+    check_tokenizer_fits(ModelConfig(name=str(tiny_base)), data_cfg, tokenizer)
+    check_tokenizer_fits(ModelConfig(name=str(other), resize_embeddings=True), data_cfg, tokenizer)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    resized = build_model(str(other), len(tokenizer), special, resize_embeddings=True)
+    assert resized.get_input_embeddings().weight.shape[0] == len(tokenizer) == resized.config.vocab_size
+    assert resized.config.bos_token_id == tokenizer.bos_token_id
+    assert resized.config.eos_token_id == tokenizer.eos_token_id

@@ -73,7 +73,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = build_model(cfg.model.name, len(tokenizer), special_ids, cfg.model.overrides, seed=cfg.optim.seed)
+        model = build_model(
+            cfg.model.name,
+            len(tokenizer),
+            special_ids,
+            cfg.model.overrides,
+            seed=cfg.optim.seed,
+            resize_embeddings=cfg.model.resize_embeddings,
+        )
         seed_everything(cfg.optim.seed, rank)
     model.config.output_router_logits = True
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
