@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from strata.config import DataConfig
 from strata.data.corpus import CorpusManifest, build_corpus, iter_texts
 from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
-from strata.data.tokenizer import BOS, EOS, PAD, load_tokenizer
+from strata.data.prepare import prepare_data
+from strata.data.tokenizer import BOS, EOS, PAD, load_tokenizer, train_tokenizer
 
 SOURCE = "def gr\u00fc\u00dfe(name: str) -> str:\n    return f'Hallo, {name}! \u2603'\n\n\tx = [1, 2]  # tabs\n"
 
@@ -104,3 +107,23 @@ def test_schedule_resumed_from_cursor_continues_exactly():
     got += [resumed.next_indices(0, 1) for _ in range(19)]
     for a, b in zip(expected, got, strict=False):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tokenizer_and_packing_are_rebuilt_when_the_corpus_changes(tmp_path):
+    def prepare(max_files: int):
+        return prepare_data(DataConfig(data_dir=str(tmp_path), max_files=max_files, vocab_size=512, seq_len=32))
+
+    first = prepare(max_files=20)
+    tokenizer_json = Path(first.tokenizer_dir) / "tokenizer.json"
+    trained_on_20 = tokenizer_json.read_bytes()
+    assert len(load_tokenizer(first.tokenizer_dir)) == 512  # the size alone cannot tell the two corpora apart
+    mtime = tokenizer_json.stat().st_mtime_ns
+    assert prepare(max_files=20).packed == first.packed and tokenizer_json.stat().st_mtime_ns == mtime  # reused
+
+    changed = prepare(max_files=40)  # same vocab_size, another corpus
+    corpus = CorpusManifest.read(Path(changed.corpus_dir))
+    assert tokenizer_json.read_bytes() != trained_on_20
+    fresh = train_tokenizer(changed.corpus_dir, tmp_path / "fresh", 512)
+    assert load_tokenizer(changed.tokenizer_dir).get_vocab() == fresh.get_vocab()
+    assert changed.packed.corpus_fingerprint == corpus.fingerprint != first.packed.corpus_fingerprint
+    assert changed.packed.tokenizer_hash != first.packed.tokenizer_hash  # packed again with the new tokenizer

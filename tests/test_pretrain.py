@@ -88,6 +88,9 @@ def test_pretraining_checkpoints_tracks_registers_and_resumes(ray_session, strat
         "checkpoint_0000040",
     ]
     assert int(resumed.registered_version) == int(result.registered_version) + 1
+    resumed_run = client.get_run(result.run_id).data  # the first start's params, the values now in effect as tags
+    assert resumed_run.params["optim.max_steps"] == "30"
+    assert resumed_run.tags[tracking.PARAM_TAG + "optim.max_steps"] == "40"
 
     # Re-running a finished run trains nothing and registers nothing new.
     again = run_pretraining(small_config(data_cfg, max_steps=40))

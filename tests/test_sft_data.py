@@ -7,10 +7,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from strata.config import SFTDataConfig
 from strata.data.sft import IGNORE_INDEX, BadRecordsError, collate, load_sft_dataset, pack
 from strata.data.tokenizer import load_tokenizer
+from strata.models.presets import build_model
+from strata.train.sft_loop import forward_batch
 
 GOOD = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}\n"} for i in range(40)]
 
@@ -102,6 +105,31 @@ def test_packing_keeps_per_sample_masks_and_fits_max_len(tmp_path, tokenizer):
     assert all(len(p.input_ids) <= 64 for p in packed)
     learned = lambda xs: sum(sum(label != IGNORE_INDEX for label in x.labels) for x in xs)  # noqa: E731
     assert learned(packed) == learned(plain.train)
+
+
+def test_a_packed_sample_sees_only_itself(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    cfg = SFTDataConfig(train_file=str(path), max_seq_len=96, packing=True)
+    packed = load_sft_dataset(cfg, tokenizer).train
+    alone = load_sft_dataset(cfg.model_copy(update={"packing": False}), tokenizer).train
+    assert packed[0].position_ids.count(0) >= 2 and len(packed[0].input_ids) != len(packed[1].input_ids)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    model = build_model("tiny", len(tokenizer), special, seed=0).eval()
+
+    def logits(examples):
+        with torch.no_grad():
+            return forward_batch(model, collate(examples, tokenizer.pad_token_id)).logits
+
+    rows = logits(packed[:2])  # two packed rows in one micro-batch: the shorter one is right-padded
+    samples = iter(alone)  # packing keeps the order of the samples
+    for row, example in zip(rows, packed[:2], strict=True):
+        start = 0
+        for _ in range(example.position_ids.count(0)):
+            sample = next(samples)
+            end = start + len(sample.input_ids)
+            assert example.input_ids[start:end] == sample.input_ids
+            torch.testing.assert_close(row[start:end], logits([sample])[0], rtol=1e-4, atol=1e-4)
+            start = end
 
 
 def test_collate_pads_right_and_masks_padding(tokenizer, tmp_path):

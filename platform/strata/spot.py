@@ -4,7 +4,7 @@ AWS posts `/latest/meta-data/spot/instance-action` (`{"action": "terminate", "ti
 minutes before it reclaims a spot instance; the endpoint answers 404 until then. Reading it takes an IMDSv2
 session token. On a notice the watcher drains this Ray node with reason PREEMPTION and the reclaim deadline;
 Ray Train's preemption watcher sees the drain, `ray.train.get_preemption_info()` turns non-empty in the
-training loop, and the loop writes a just-in-time checkpoint (see `strata.train.trainer.checkpoint_if_preempted`).
+training loop, and the loop writes a just-in-time checkpoint (see `strata.train.trainer.PreemptionGuard`).
 
 Run one watcher per spot node (the cluster YAML starts it next to `ray start`):
 `strata spot-watch --address HEAD:6379` (`--metadata-url http://127.0.0.1:PORT` to test against a fake).

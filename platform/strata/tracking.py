@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
 from strata.paths import home
@@ -45,6 +47,8 @@ FINETUNING = "finetuning"
 # MLflow samples every 10 s by default, which leaves a short run with one point or none;
 # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still overrides it.
 SYSTEM_METRICS_INTERVAL_S = 2.0
+PARAM_TAG = "strata.param."  # + a param's name: its value now, where it differs from the logged param
+CONFIG_CHANGES = "config_changes.json"  # one row per changed param per continued start
 
 
 def default_tracking_uri() -> str:
@@ -120,24 +124,51 @@ def start_run(
     kind: str | None = None,
 ):
     """Start, or continue, the MLflow run that belongs to `run_name`; returns an active-run context manager.
-    MLflow samples the machine's system metrics for as long as the run is open."""
+    Params are logged on every start (see `log_params`); MLflow samples the machine's system metrics for as long
+    as the run is open."""
     experiment_id = ensure_experiment(experiment, kind)
     if MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() is None:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     existing = find_run(experiment_id, run_name)
     if existing:
-        return mlflow.start_run(run_id=existing, log_system_metrics=True)
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name,
-        tags={RUN_NAME_TAG: run_name, **(tags or {})},
-        log_system_metrics=True,
-    )
-    client = MlflowClient()
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+        run = mlflow.start_run(run_id=existing, log_system_metrics=True)
+    else:
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags={RUN_NAME_TAG: run_name, **(tags or {})},
+            log_system_metrics=True,
+        )
+    log_params(run.info.run_id, params)
     return run
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log `params`, on a continued run too. MLflow never changes a param once logged, so a value that differs
+    from the logged one (a resume with a higher `optim.max_steps`) goes to the tag `strata.param.<name>`, which
+    holds the value in effect, and to a row of the run's `CONFIG_CHANGES` table."""
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    current = {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
+    new = [Param(key, value) for key, value in current.items() if key not in logged]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+    changed = {key: value for key, value in current.items() if key in logged and logged[key] != value}
+    tags = client.get_run(run_id).data.tags
+    for key in logged:
+        if key in changed:
+            client.set_tag(run_id, PARAM_TAG + key, changed[key])
+        elif PARAM_TAG + key in tags:  # back to the logged value
+            client.delete_tag(run_id, PARAM_TAG + key)
+    if changed:
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows = {
+            "started": [started] * len(changed),
+            "param": list(changed),
+            "logged_value": [logged[key] for key in changed],
+            "value": list(changed.values()),
+        }
+        client.log_table(run_id, rows, CONFIG_CHANGES)
 
 
 def log_dataset(source: str, name: str, digest: str, schema: Schema, context: str) -> None:

@@ -82,6 +82,11 @@ def validate_model_name(name: str) -> str:
 class ModelConfig(StrictModel):
     name: str = Field("tiny", description="A preset (tiny, small, moe-1b), a local HF directory or a hub id.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Extra transformers config fields.")
+    resize_embeddings: bool = Field(
+        False,
+        description="A pretrained model whose vocabulary is not the tokenizer's: resize its embeddings to the "
+        "tokenizer (rows then stand for other tokens and must be relearned) instead of failing at start.",
+    )
 
     @field_validator("name")
     @classmethod

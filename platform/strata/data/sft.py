@@ -44,6 +44,12 @@ class BadRecord:
 class SFTExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens
+    position_ids: list[int] | None = None  # a packed row's: restarting at 0 for every sample; None: 0, 1, ...
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens the loss is taken over: labels shifted by one (a sequence's first token is never predicted)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 @dataclass
@@ -115,15 +121,17 @@ def is_eval(messages: list[dict], eval_fraction: float) -> bool:
 
 
 def pack(examples: list[SFTExample], max_seq_len: int) -> list[SFTExample]:
-    """Greedy packing of whole samples into sequences of at most max_seq_len tokens."""
-    packed, ids, labels = [], [], []
+    """Greedy packing of whole samples into sequences of at most max_seq_len tokens. Position ids restart at 0
+    for each sample, from which the model builds a block-diagonal causal mask: samples never see each other."""
+    packed, ids, labels, positions = [], [], [], []
     for ex in examples:
         if ids and len(ids) + len(ex.input_ids) > max_seq_len:
-            packed.append(SFTExample(ids, labels))
-            ids, labels = [], []
+            packed.append(SFTExample(ids, labels, positions))
+            ids, labels, positions = [], [], []
         ids, labels = ids + ex.input_ids, labels + ex.labels
+        positions = positions + list(range(len(ex.input_ids)))
     if ids:
-        packed.append(SFTExample(ids, labels))
+        packed.append(SFTExample(ids, labels, positions))
     return packed
 
 
@@ -156,19 +164,32 @@ def load_sft_dataset(cfg: SFTDataConfig, tokenizer) -> SFTDataset:
 
 
 def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest sequence."""
+    """Right-pad a micro-batch to its longest sequence: the model's inputs plus `labels`.
+
+    Packed rows go without a 2-D `attention_mask`: only then does transformers derive the block-diagonal causal
+    mask from the restarting position ids (`masking_utils.find_packed_sequence_indices`, for sdpa, eager and
+    flex attention alike; flash attention reads the position ids itself). Right padding needs no mask in a
+    causal model: no real token comes after it, and its labels are ignored.
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    positions = np.tile(np.arange(width, dtype=np.int64), (len(examples), 1))  # padding continues the last sample
     mask = np.zeros((len(examples), width), dtype=np.int64)
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = ex.input_ids, ex.labels, 1
-    return {
+        if ex.position_ids is not None:
+            positions[row, :n] = ex.position_ids
+            positions[row, n:] = np.arange(width - n) + ex.position_ids[-1] + 1
+    batch = {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
-        "attention_mask": torch.from_numpy(mask),
+        "position_ids": torch.from_numpy(positions),
     }
+    if all(ex.position_ids is None for ex in examples):
+        batch["attention_mask"] = torch.from_numpy(mask)
+    return batch
 
 
 # --- the built-in demo dataset: docstring -> function, from the standard library ---------------------------

@@ -5,7 +5,7 @@ Ray Train must then restart the worker group from the latest checkpoint; nothing
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import threading
 import time
@@ -38,14 +38,35 @@ def train_worker_pids(within_pid: int | None = None) -> list[int]:
     return sorted(p.pid for p in children if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker"))
 
 
+def latest_checkpoint_step(run_dir: str | Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered for the run, from its snapshot in storage:
+    the checkpoint a restarted worker group resumes from (None before the first)."""
+    snapshot = Path(run_dir) / SNAPSHOT
+    for _ in range(100):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:  # read while Ray Train rewrites it
+            time.sleep(0.05)
+            continue
+        return latest and int(latest["metrics"]["step"])
+    raise RuntimeError(f"{snapshot} stayed unreadable")
+
+
 class WorkerKiller:
-    """A background thread that SIGKILLs one training worker `delay_s` after checkpoint `after_step` exists."""
+    """A background thread that SIGKILLs one training worker `delay_s` after checkpoint `after_step` is registered.
+
+    `checkpoint_at_kill` is then the latest checkpoint in storage once the killed worker group has ended (Ray
+    Train tears down the survivors when it sees the failure, after taking in all they reported): the step the
+    restarted group must resume from, however fast the machine trained meanwhile."""
 
     def __init__(self, run_dir: str | Path, after_step: int, delay_s: float = 1.0, within_pid: int | None = None):
         self.run_dir, self.after_step, self.delay_s = Path(run_dir), after_step, delay_s
         self.within_pid = within_pid
         self.killed_pid: int | None = None
         self.killed_at: float | None = None
+        self.checkpoint_at_kill: int | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> WorkerKiller:
@@ -55,10 +76,14 @@ class WorkerKiller:
     def _run(self) -> None:
         wait_for_checkpoint(self.run_dir, self.after_step)
         time.sleep(self.delay_s)  # a few steps past the checkpoint: the steps a failure without notice costs
-        pids = train_worker_pids(self.within_pid)
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            self.killed_pid, self.killed_at = pids[-1], time.time()
+        group = [psutil.Process(pid) for pid in train_worker_pids(self.within_pid)]
+        if not group:
+            return
+        group[-1].send_signal(signal.SIGKILL)
+        self.killed_pid, self.killed_at = group[-1].pid, time.time()
+        _, alive = psutil.wait_procs(group, timeout=300)
+        if not alive:
+            self.checkpoint_at_kill = latest_checkpoint_step(self.run_dir)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

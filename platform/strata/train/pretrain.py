@@ -15,6 +15,8 @@ from rich.console import Console
 from strata import registry, tracking
 from strata.config import PretrainConfig, dump_config
 from strata.data.prepare import PreparedData, prepare_data
+from strata.data.tokenizer import load_tokenizer
+from strata.models.presets import check_tokenizer_fits
 from strata.runtime import init_ray
 from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.pretrain_loop import EXPERT_LOAD, MODEL_DIR, train_loop_per_worker
@@ -34,6 +36,7 @@ class PretrainResult:
 def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
     console = console or Console(stderr=True)
     data = prepare_data(cfg.data, console)
+    check_tokenizer_fits(cfg.model, cfg.data, load_tokenizer(data.tokenizer_dir))
     init_ray()  # joins the cluster (or starts a local one) only once the inputs are known to be good
     uri = tracking.use_store(cfg.tracking.tracking_uri)
     loop_config = {

@@ -29,7 +29,7 @@ from strata.train.state import (
     save_train_state,
     seed_everything,
 )
-from strata.train.trainer import checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
+from strata.train.trainer import PreemptionGuard, lr_lambda, make_optimizer, mean_across_ranks
 
 MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
 EXPERT_LOAD = "expert_load.json"  # tokens per expert and router entropy, per layer, at that step
@@ -73,7 +73,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = build_model(cfg.model.name, len(tokenizer), special_ids, cfg.model.overrides, seed=cfg.optim.seed)
+        model = build_model(
+            cfg.model.name,
+            len(tokenizer),
+            special_ids,
+            cfg.model.overrides,
+            seed=cfg.optim.seed,
+            resize_embeddings=cfg.model.resize_embeddings,
+        )
         seed_everything(cfg.optim.seed, rank)
     model.config.output_router_logits = True
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
@@ -103,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report_with_checkpoint(metrics, step, rank, world_size, schedule.cursor.state_dict(), write_rank0)
 
     model.train()
-    preempted = False
+    preemption = PreemptionGuard(cfg.checkpoint.preemption_check_every_steps)
     window_start, window_steps = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
         micro_batches = data[schedule.next_indices(rank, world_size)].to(device).split(cfg.optim.micro_batch_size)
@@ -130,8 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
-        if not (checkpoint_due or preempted) and step % cfg.checkpoint.preemption_check_every_steps == 0:
-            preempted = checkpoint_if_preempted(report_checkpoint, step)
+        if not checkpoint_due:  # a checkpoint is on its way anyway
+            preemption.check(step, report_checkpoint)
         if not log_due:
             continue
         # The window runs report to report, so logging and checkpointing costs count against throughput.

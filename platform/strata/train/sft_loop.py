@@ -1,8 +1,10 @@
 """The fine-tuning loop each Ray Train worker runs: full, LoRA or QLoRA over chat-formatted SFT examples.
 
 The same global-batch schedule as pretraining walks the examples; micro-batches are right-padded to their
-longest sample and the loss covers response tokens only. Checkpoints hold what training changes (the
-adapter, or the whole model for full fine-tuning), the optimizer, scheduler, step and data cursor.
+longest sample and the loss covers response tokens only: the mean over every response token of the global
+batch, however the tokens fall into micro-batches and ranks, which is also how the eval loss is defined.
+Checkpoints hold what training changes (the adapter, or the whole model for full fine-tuning), the optimizer,
+scheduler, step and data cursor.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -30,7 +33,7 @@ from strata.train.state import (
     save_train_state,
     seed_everything,
 )
-from strata.train.trainer import checkpoint_if_preempted, lr_lambda, make_optimizer, mean_across_ranks
+from strata.train.trainer import PreemptionGuard, lr_lambda, make_optimizer, mean_across_ranks, sum_across_ranks
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -43,25 +46,62 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
 
 
+def forward_batch(model, batch: dict[str, torch.Tensor]):
+    """The model's output for a collated batch. Without a KV cache: transformers builds the block-diagonal mask
+    of packed rows only for cache-free forwards, and `use_cache` defaults to on even in training mode."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sum of cross-entropy over the batch's response tokens, and the router's load-balancing loss (None
+    for a dense model). Summed, not averaged: the caller divides by the tokens of the whole global batch."""
+    out = forward_batch(model, batch)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, getattr(out, "aux_loss", None)
+
+
+def accumulate_gradients(
+    model, micro_batches: list[dict[str, torch.Tensor]], global_tokens: int, world_size: int, aux_coef: float
+) -> tuple[float, float]:
+    """Backward over this rank's micro-batches of one global batch. Returns this rank's share of the global
+    batch's loss (the shares of all ranks add up to it) and its mean load-balancing loss.
+
+    The loss is the sum of token losses over `global_tokens`, the response tokens of the whole global batch on
+    every rank, so a token weighs the same wherever it lands; DDP averages gradients across ranks, hence the
+    factor `world_size`. The load-balancing loss is a mean over micro-batches, as in pretraining.
+    """
+    loss_sum = aux_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1 or world_size == 1
+        with nullcontext() if sync else model.no_sync():  # all-reduce once per step
+            token_losses, aux = response_loss(model, batch)
+            loss = token_losses * world_size / global_tokens
+            if aux is not None:
+                loss = loss + aux_coef * aux / len(micro_batches)
+                aux_sum += aux.item() / len(micro_batches)
+            loss.backward()
+        loss_sum += token_losses.item()
+    return loss_sum / global_tokens, aux_sum
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[SFTExample], rank: int, world_size: int, batch_size: int, pad_id: int, device):
-    """Mean loss over response tokens of this rank's share of the eval set, averaged across ranks."""
+    """Mean loss over the response tokens of the whole eval set (each rank takes a share)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
     shard = examples[rank::world_size]
     for i in range(0, len(shard), batch_size):
-        batch = {k: v.to(device) for k, v in collate(shard[i : i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total += torch.stack([losses.double(), (labels != IGNORE_INDEX).sum().double()])
+        chunk = shard[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        token_losses, _ = response_loss(model, batch)
+        tokens = sum(e.loss_tokens for e in chunk)
+        total += torch.tensor([token_losses.item(), tokens], dtype=torch.float64, device=device)
     model.train()
-    total = mean_across_ranks(total)
+    total = sum_across_ranks(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -113,20 +153,22 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         report_with_checkpoint(metrics, step, rank, world_size, schedule.cursor.state_dict(), write_rank0)
 
     model.train()
-    preempted = False
+    preemption = PreemptionGuard(cfg.checkpoint.preemption_check_every_steps)
+    aux_coef = getattr(getattr(model, "module", model).config, "router_aux_loss_coef", 0.0)
+    micro = cfg.optim.micro_batch_size
     window_start, window_tokens = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
-        indices = schedule.next_indices(rank, world_size)
-        loss_sum = 0.0
-        for i in range(grad_accum):
-            chunk = indices[i * cfg.optim.micro_batch_size : (i + 1) * cfg.optim.micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate([train[j] for j in chunk], pad_id).items()}
-            sync = i == grad_accum - 1 or world_size == 1
-            with nullcontext() if sync else model.no_sync():  # all-reduce once per step
-                out = model(**batch)
-                (out.loss / grad_accum).backward()
-            loss_sum += out.loss.item() / grad_accum
-            window_tokens += int(batch["attention_mask"].sum()) * world_size
+        # The whole global batch (every rank computes it), so each rank knows its response-token count.
+        global_batch = schedule.next_indices(0, 1)
+        mine = np.array_split(global_batch, world_size)[rank]
+        global_tokens = sum(train[j].loss_tokens for j in global_batch)
+        micro_batches = [
+            {k: v.to(device) for k, v in collate([train[j] for j in mine[i : i + micro]], pad_id).items()}
+            for i in range(0, len(mine), micro)
+        ]
+        assert len(micro_batches) == grad_accum, f"{len(micro_batches)} micro-batches, expected {grad_accum}"
+        loss_share, aux_loss = accumulate_gradients(model, micro_batches, global_tokens, world_size, aux_coef)
+        window_tokens += sum(len(train[j].input_ids) for j in global_batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
         )
@@ -136,14 +178,15 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
         step += 1
 
         checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.optim.max_steps
-        if not (checkpoint_due or preempted) and step % cfg.checkpoint.preemption_check_every_steps == 0:
-            preempted = checkpoint_if_preempted(report_checkpoint, step)
+        if not checkpoint_due:  # a checkpoint is on its way anyway
+            preemption.check(step, report_checkpoint)
         if not (checkpoint_due or step % cfg.tracking.log_every_steps == 0):
             continue
         now = time.perf_counter()  # report to report: logging and checkpointing count against throughput
         metrics = {
             "step": step,
-            "loss": mean_across_ranks(torch.tensor([loss_sum], device=device)).item(),
+            "loss": sum_across_ranks(torch.tensor([loss_share], device=device)).item(),
+            "aux_loss": mean_across_ranks(torch.tensor([aux_loss], device=device)).item(),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "tokens_per_s": window_tokens / (now - window_start),

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.train import PreemptionInfo
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from strata.config import OptimConfig
@@ -68,9 +70,17 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=False)
 
 
-def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over all ranks (in place); the tensor itself on a single process."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean over all ranks (in place); the tensor itself on a single process."""
+    values = sum_across_ranks(values)
+    if dist.is_available() and dist.is_initialized():
         values /= dist.get_world_size()
     return values
 
@@ -84,12 +94,31 @@ def hold_until_preempted(deadline_ms: int | None, slack_s: float = 30.0) -> None
         time.sleep(0.5)
 
 
-def checkpoint_if_preempted(report_checkpoint, step: int) -> bool:
-    """On a preemption notice (a drained node), write a just-in-time checkpoint and hold; False otherwise.
-    `get_preemption_info` is a barrier: every rank must ask at the same steps."""
-    preemption = ray.train.get_preemption_info()
-    if preemption is None:
-        return False
-    report_checkpoint({"step": step, "preemption_checkpoint_step": step})
-    hold_until_preempted(preemption.deadline_ms)
-    return True
+class PreemptionGuard:
+    """Asks Ray Train about node preemptions every `every_steps` steps and acts once per notice: a just-in-time
+    checkpoint, then a hold until the reclaim deadline.
+
+    A worker keeps the last notice Ray Train sent it, so after a cancelled reclaim (the deadline passed, the node
+    is still there) `get_preemption_info` keeps returning it: that notice is not acted on again, but checking goes
+    on, and a later, different notice gets its own checkpoint. `get_preemption_info` is a barrier: every rank
+    must call `check` at the same steps."""
+
+    def __init__(
+        self, every_steps: int, slack_s: float = 30.0, poll: Callable[[], PreemptionInfo | None] | None = None
+    ):
+        self.every_steps = every_steps
+        self.slack_s = slack_s
+        self.poll = poll or ray.train.get_preemption_info
+        self.handled: PreemptionInfo | None = None  # the notice the last just-in-time checkpoint answered
+
+    def check(self, step: int, report_checkpoint: Callable[[dict], None]) -> bool:
+        """True when this step wrote a just-in-time checkpoint (and held until the deadline)."""
+        if step % self.every_steps:
+            return False
+        notice = self.poll()
+        if notice is None or notice == self.handled:
+            return False
+        report_checkpoint({"step": step, "preemption_checkpoint_step": step})
+        self.handled = notice
+        hold_until_preempted(notice.deadline_ms, self.slack_s)
+        return True
