@@ -28,7 +28,16 @@ JOBS: dict[str, type[StrictModel]] = {"finetune": FinetuneConfig, "pretrain": Pr
 # What each job's worker loop reports (the metrics a sweep can optimise); the sweep and pretraining tests check
 # that real runs report them.
 REPORTED_METRICS: dict[str, tuple[str, ...]] = {
-    "finetune": ("eval_loss", "eval_perplexity", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"),
+    "finetune": (
+        "eval_loss",
+        "eval_perplexity",
+        "loss",
+        "aux_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "peak_memory_mb",
+    ),
     "pretrain": ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "expert_imbalance", "router_entropy"),
 }
 
