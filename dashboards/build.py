@@ -33,6 +33,13 @@ def quantile(q: float, histogram: str, by: str = "variant") -> str:
     return f"histogram_quantile({q}, sum by (le, {by}) (rate({histogram}_bucket[5m])))"
 
 
+# 5xx responses over all responses, per variant; 0 (not "no data") while a variant has served no 5xx.
+ERROR_RATE = (
+    '(sum by (variant) (rate(ray_strata_router_errors_total{status=~"5.."}[5m])) '
+    "or 0 * sum by (variant) (rate(ray_strata_router_requests_total[5m]))) "
+    "/ sum by (variant) (rate(ray_strata_router_requests_total[5m]))"
+)
+
 SERVING = [
     Panel(
         "Requests per second by variant",
@@ -110,7 +117,7 @@ TRAINING = [
         "Checkpoint age", "time() - max by (run) (ray_strata_train_last_checkpoint_timestamp_seconds)", "s", "{{run}}"
     ),
     Panel("Seconds between checkpoints", "max by (run) (ray_strata_train_checkpoint_interval_seconds)", "s", "{{run}}"),
-    Panel("Preemptions (1h)", "sum by (run) (increase(ray_strata_train_preemptions_total[1h]))", "short", "{{run}}"),
+    Panel("Preemptions", "max by (run) (ray_strata_train_preemptions)", "short", "{{run}}"),
     Panel("Restarts from a checkpoint (1h)", "sum(increase(ray_strata_train_restarts_total[1h]))", "short", "restarts"),
     Panel("Steps lost to restarts (1h)", "sum(increase(ray_strata_train_steps_lost_total[1h]))", "short", "steps lost"),
     Panel("Seconds to resume", "max(ray_strata_train_resume_seconds)", "s", "last resume"),

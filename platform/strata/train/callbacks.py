@@ -95,9 +95,10 @@ class PrometheusMetricsCallback(UserCallback):
         self.run_name = run_name
         self._metrics = None  # made in the controller, where the callback runs: Ray metrics do not pickle
         self._last_checkpoint_at: float | None = None
+        self._preemptions = 0  # just-in-time checkpoints in this run (since the controller started)
 
     def _export(self):
-        from ray.util.metrics import Counter, Gauge
+        from ray.util.metrics import Gauge
 
         if self._metrics is None:
             tags = ("run",)
@@ -107,7 +108,7 @@ class PrometheusMetricsCallback(UserCallback):
                 "reported_at": Gauge("strata_train_last_report_timestamp_seconds", tag_keys=tags),
                 "checkpoint_at": Gauge("strata_train_last_checkpoint_timestamp_seconds", tag_keys=tags),
                 "checkpoint_interval": Gauge("strata_train_checkpoint_interval_seconds", tag_keys=tags),
-                "preemptions": Counter("strata_train_preemptions", tag_keys=tags),
+                "preemptions": Gauge("strata_train_preemptions", tag_keys=tags),  # a gauge: present at 0
             }
             for metric in self._metrics.values():
                 metric.set_default_tags({"run": self.run_name})
@@ -119,8 +120,8 @@ class PrometheusMetricsCallback(UserCallback):
             if key in self.GAUGES and isinstance(value, (int, float)):
                 exported[key].set(value)
         exported["reported_at"].set(now)
-        if "preemption_checkpoint_step" in metrics[0]:
-            exported["preemptions"].inc()
+        self._preemptions += "preemption_checkpoint_step" in metrics[0]
+        exported["preemptions"].set(self._preemptions)
         if checkpoint is not None:
             if self._last_checkpoint_at is not None:
                 exported["checkpoint_interval"].set(now - self._last_checkpoint_at)
