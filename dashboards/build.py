@@ -55,8 +55,7 @@ SERVING = [
     ),
     Panel(
         "Error rate by variant (5xx)",
-        'sum by (variant) (rate(ray_strata_router_errors_total{status=~"5.."}[5m])) / '
-        "sum by (variant) (rate(ray_strata_router_requests_total[5m]))",
+        ERROR_RATE,
         "percentunit",
         "{{variant}}",
     ),
@@ -119,7 +118,8 @@ TRAINING = [
     Panel("Seconds between checkpoints", "max by (run) (ray_strata_train_checkpoint_interval_seconds)", "s", "{{run}}"),
     Panel("Preemptions", "max by (run) (ray_strata_train_preemptions)", "short", "{{run}}"),
     Panel("Restarts from a checkpoint (1h)", "sum(increase(ray_strata_train_restarts_total[1h]))", "short", "restarts"),
-    Panel("Steps lost to restarts (1h)", "sum(increase(ray_strata_train_steps_lost_total[1h]))", "short", "steps lost"),
+    # The counter appears with the first step lost; until then the panel shows 0, not "no data".
+    Panel("Steps lost to restarts (1h)", "sum(increase(ray_strata_train_steps_lost_total[1h])) or vector(0)"),
     Panel("Seconds to resume", "max(ray_strata_train_resume_seconds)", "s", "last resume"),
     Panel(
         "Time since the last report",

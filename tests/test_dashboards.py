@@ -112,6 +112,12 @@ def query_range(url: str, expr: str, start: float, end: float) -> list[dict]:
     return body["data"]["result"]
 
 
+def tmp_records(path: Path) -> Path:
+    records = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}"} for i in range(60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 @pytest.mark.slow
 def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
     ray_session, promtool, small_data, tiny_base, strata_home
@@ -120,10 +126,11 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
     from ray import serve
 
     from strata import monitor
-    from strata.config import PretrainConfig, ServeConfig
+    from strata.config import FinetuneConfig, PretrainConfig, ServeConfig
     from strata.serve import traffic
     from strata.serve.app import build_application
     from strata.train.faults import WorkerKiller
+    from strata.train.finetune import run_finetuning
     from strata.train.pretrain import run_pretraining
 
     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
@@ -165,6 +172,19 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
                 "scaling": {"num_workers": 1},  # beside the two 0.25-CPU replicas on 2 CPUs
                 "tracking": {"experiment": "dashboards-test", "registered_model": None, "log_every_steps": 5},
             }
+        )
+        records = tmp_records(strata_home / "pairs.jsonl")
+        run_finetuning(  # eval loss comes from fine-tuning
+            FinetuneConfig.model_validate(
+                {
+                    "base_model": str(tiny_base),
+                    "data": {"train_file": str(records), "max_seq_len": 64},
+                    "optim": {"warmup_steps": 1, "max_steps": 10, "micro_batch_size": 4, "global_batch_size": 8},
+                    "checkpoint": {"every_steps": 5},
+                    "scaling": {"num_workers": 1},
+                    "tracking": {"experiment": "dashboards-test-ft", "log_every_steps": 5},
+                }
+            )
         )
         killer = WorkerKiller(Path(cfg.checkpoint.resolved_storage_path) / cfg.run_name, after_step=10).start()
         run_pretraining(cfg)
