@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -132,6 +133,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
     # One user, one worker: mlflow's default of 4 workers is slow to start on a 2-core machine.
     command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     os.execv(sys.executable, command)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """A local Prometheus (with Strata's alert rules) over the local Ray, until Ctrl-C."""
+    from strata import monitor, paths
+
+    discovery = monitor.ray_discovery_file(args.ray_temp_dir)
+    if not discovery.exists():
+        raise ConfigError(f"{discovery} does not exist: start Ray first (`ray start --head`), or pass --ray-temp-dir")
+    process = monitor.start_prometheus(Path(paths.resolve("monitor")), discovery, args.port)
+    console.print(f"Prometheus: http://127.0.0.1:{args.port} (scraping {discovery})")
+    console.print(f"  alerts:  http://127.0.0.1:{args.port}/alerts   (rules: {monitor.DASHBOARDS / 'alerts.yml'})")
+    console.print(f"  Grafana: add it as a Prometheus data source, then import {monitor.DASHBOARDS / 'grafana'}/*.json")
+    console.print("Ctrl-C stops it.")
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+        console.print("stopped Prometheus")
+    return 0
 
 
 def cmd_spot_watch(args: argparse.Namespace) -> int:
@@ -264,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--app", default="strata")
     split.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
     split.set_defaults(func=cmd_split)
+
+    mon = sub.add_parser("monitor", help="a local Prometheus with Strata's alert rules over the local Ray")
+    mon.add_argument("--port", type=int, default=9090)
+    mon.add_argument("--ray-temp-dir", default="/tmp/ray", help="the Ray head's --temp-dir")
+    mon.set_defaults(func=cmd_monitor)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     ui.add_argument("--port", type=int, default=5000)

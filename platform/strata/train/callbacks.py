@@ -75,3 +75,55 @@ def record_recovery(steps_lost: int, seconds: float) -> None:
     if steps_lost:  # a Counter rejects inc(0)
         Counter("strata_train_steps_lost", description="Optimizer steps recomputed after restarts").inc(steps_lost)
     Gauge("strata_train_resume_seconds", description="Seconds from failure to resumed training").set(seconds)
+
+
+class PrometheusMetricsCallback(UserCallback):
+    """Exports a run's progress through Ray's metrics (Prometheus names `ray_strata_train_*`, tagged with the run
+    name) for the dashboards and alerts: step, losses, throughput, expert balance, preemptions, and when the last
+    checkpoint was written and how far apart checkpoints come (what the stale-checkpoint alert compares)."""
+
+    GAUGES = {
+        "step": "strata_train_step",
+        "loss": "strata_train_loss",
+        "eval_loss": "strata_train_eval_loss",
+        "tokens_per_s": "strata_train_tokens_per_second",
+        "expert_imbalance": "strata_train_expert_imbalance",
+        "router_entropy": "strata_train_router_entropy",
+    }
+
+    def __init__(self, run_name: str):
+        self.run_name = run_name
+        self._metrics = None  # made in the controller, where the callback runs: Ray metrics do not pickle
+        self._last_checkpoint_at: float | None = None
+        self._preemptions = 0  # just-in-time checkpoints in this run (since the controller started)
+
+    def _export(self):
+        from ray.util.metrics import Gauge
+
+        if self._metrics is None:
+            tags = ("run",)
+            gauges = {key: Gauge(name, tag_keys=tags) for key, name in self.GAUGES.items()}
+            self._metrics = {
+                **gauges,
+                "reported_at": Gauge("strata_train_last_report_timestamp_seconds", tag_keys=tags),
+                "checkpoint_at": Gauge("strata_train_last_checkpoint_timestamp_seconds", tag_keys=tags),
+                "checkpoint_interval": Gauge("strata_train_checkpoint_interval_seconds", tag_keys=tags),
+                "preemptions": Gauge("strata_train_preemptions", tag_keys=tags),  # a gauge: present at 0
+            }
+            for metric in self._metrics.values():
+                metric.set_default_tags({"run": self.run_name})
+        return self._metrics
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        exported, now = self._export(), time.time()
+        for key, value in metrics[0].items():
+            if key in self.GAUGES and isinstance(value, (int, float)):
+                exported[key].set(value)
+        exported["reported_at"].set(now)
+        self._preemptions += "preemption_checkpoint_step" in metrics[0]
+        exported["preemptions"].set(self._preemptions)
+        if checkpoint is not None:
+            if self._last_checkpoint_at is not None:
+                exported["checkpoint_interval"].set(now - self._last_checkpoint_at)
+            self._last_checkpoint_at = now
+            exported["checkpoint_at"].set(now)

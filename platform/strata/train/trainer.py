@@ -15,10 +15,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from strata.config import OptimConfig
 from strata.config.training import BatchedJob
+from strata.train.callbacks import PrometheusMetricsCallback
 
 
 def make_trainer(cfg: BatchedJob, train_fn, loop_config: dict, callbacks: list, run_name: str) -> TorchTrainer:
-    """A TorchTrainer for a pretraining or fine-tuning config (both have scaling and checkpoint sections).
+    """A TorchTrainer for a pretraining or fine-tuning config (both have scaling and checkpoint sections). Every
+    run also exports its progress to Prometheus (`PrometheusMetricsCallback`).
 
     The same `run_name` and storage path resume from the latest checkpoint there."""
     scaling = cfg.scaling
@@ -41,7 +43,7 @@ def make_trainer(cfg: BatchedJob, train_fn, loop_config: dict, callbacks: list, 
             storage_path=cfg.checkpoint.resolved_storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=3),
-            callbacks=callbacks,
+            callbacks=[*callbacks, PrometheusMetricsCallback(run_name)],
         ),
     )
 
