@@ -13,13 +13,13 @@ from pathlib import Path
 import mlflow
 import torch
 from rich.console import Console
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from strata import registry, tracking
 from strata.config import FinetuneConfig, dump_config
 from strata.data.sft import SFTDataset, load_sft_dataset
 from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, trainable_model
-from strata.registry import generate_text, resolve_model
+from strata.registry import ResolvedModel, generate_text, resolve_model
 from strata.runtime import init_ray
 from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.sft_loop import finetune_loop_per_worker
@@ -49,9 +49,8 @@ def sample_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> FinetuneResult:
     console = console or Console(stderr=True)
     uri = tracking.use_store(cfg.tracking.tracking_uri)
-    base = resolve_model(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base.directory)
-    dataset = load_sft_dataset(cfg.data, tokenizer)  # bad records fail here, before any Ray work
+    inputs = finetune_inputs(cfg, uri)  # bad records fail here, before any Ray work
+    base, tokenizer, dataset = inputs.base, inputs.tokenizer, inputs.dataset
     console.print(
         f"data: {len(dataset.train)} train / {len(dataset.eval)} eval examples from {dataset.source}"
         f" ({len(dataset.bad)} bad records skipped)"
@@ -79,15 +78,8 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         if dataset.bad:
             mlflow.log_text("\n".join(map(str, dataset.bad)), "bad_records.txt")
         console.print(f"MLflow run {run_id} ({run_name}) in {uri}")
-        loop_config = {
-            "config": cfg.model_dump(mode="json"),
-            "tracking_uri": uri,
-            "train": dataset.train,
-            "eval": dataset.eval,
-            "pad_id": tokenizer.pad_token_id,
-        }
         callbacks = [MlflowMetricsCallback(uri, run_id)]
-        trainer = make_trainer(cfg, finetune_loop_per_worker, loop_config, callbacks, run_name)
+        trainer = make_trainer(cfg, finetune_loop_per_worker, inputs.loop_config, callbacks, run_name)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {run_name} finished without a checkpoint")
@@ -142,11 +134,21 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
     )
 
 
-def finetune_loop_config(cfg: FinetuneConfig, tracking_uri: str) -> tuple[dict, SFTDataset]:
-    """What every fine-tuning worker is given: the config, the tokenized examples and the pad id."""
+@dataclass(frozen=True)
+class FinetuneInputs:
+    """What a fine-tuning run starts from: the resolved base, its tokenizer, the tokenized data, and the
+    `train_loop_config` every worker is given (the config, the examples and the pad id)."""
+
+    base: ResolvedModel
+    tokenizer: PreTrainedTokenizerBase
+    dataset: SFTDataset
+    loop_config: dict
+
+
+def finetune_inputs(cfg: FinetuneConfig, tracking_uri: str) -> FinetuneInputs:
     base = resolve_model(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base.directory)
-    dataset = load_sft_dataset(cfg.data, tokenizer)  # bad records fail here, before any Ray work
+    dataset = load_sft_dataset(cfg.data, tokenizer)
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "tracking_uri": tracking_uri,
@@ -154,4 +156,4 @@ def finetune_loop_config(cfg: FinetuneConfig, tracking_uri: str) -> tuple[dict, 
         "eval": dataset.eval,
         "pad_id": tokenizer.pad_token_id,
     }
-    return loop_config, dataset
+    return FinetuneInputs(base, tokenizer, dataset, loop_config)

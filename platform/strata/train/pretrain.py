@@ -35,14 +35,9 @@ class PretrainResult:
 
 def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> PretrainResult:
     console = console or Console(stderr=True)
-    data = prepare_data(cfg.data, console)
-    check_tokenizer_fits(cfg.model, cfg.data, load_tokenizer(data.tokenizer_dir))
+    loop_config, data = pretrain_loop_config(cfg, console)
     init_ray()  # joins the cluster (or starts a local one) only once the inputs are known to be good
     uri = tracking.use_store(cfg.tracking.tracking_uri)
-    loop_config = {
-        "config": cfg.model_dump(mode="json"),
-        "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
-    }
     with tracking.start_run(
         cfg.tracking.experiment,
         cfg.run_name,
@@ -86,8 +81,10 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
 
 
 def pretrain_loop_config(cfg: PretrainConfig, console: Console | None = None) -> tuple[dict, PreparedData]:
-    """What every pretraining worker is given: the config and where the tokenizer and packed data are."""
+    """What every pretraining worker is given: the config and where the tokenizer and packed data are. A
+    pretrained `model.name` that does not fit the tokenizer fails here, before any Ray work."""
     data = prepare_data(cfg.data, console)
+    check_tokenizer_fits(cfg.model, cfg.data, load_tokenizer(data.tokenizer_dir))
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},

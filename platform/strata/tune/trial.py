@@ -56,12 +56,12 @@ def worker_inputs(job: str, cfg, tracking_uri: str):
     """The worker loop and its `train_loop_config`, exactly as the job's own driver builds them; the data is
     logged to the active MLflow run as the driver does."""
     if job == "finetune":
-        from strata.train.finetune import finetune_loop_config
+        from strata.train.finetune import finetune_inputs
         from strata.train.sft_loop import finetune_loop_per_worker
 
-        loop_config, dataset = finetune_loop_config(cfg, tracking_uri)
-        tracking.log_sft_data(dataset)
-        return finetune_loop_per_worker, loop_config
+        inputs = finetune_inputs(cfg, tracking_uri)
+        tracking.log_sft_data(inputs.dataset)
+        return finetune_loop_per_worker, inputs.loop_config
     from strata.train.pretrain import pretrain_loop_config
     from strata.train.pretrain_loop import train_loop_per_worker
 
