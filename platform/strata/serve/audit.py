@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from datetime import datetime, timezone
 from logging.handlers import QueueHandler, QueueListener, RotatingFileHandler
 from pathlib import Path
@@ -20,7 +21,7 @@ from strata.paths import resolve
 
 
 class JsonLines(logging.Formatter):
-    """A record's fields as one JSON line, stamped with the one clock reading the record was made with."""
+    """A record's fields as one JSON line, stamped with its time (`created`) to the millisecond, in UTC."""
 
     def format(self, record: logging.LogRecord) -> str:
         when = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
@@ -54,7 +55,7 @@ class AuditLog:
         if self.log_prompts:
             fields["prompt"], fields["completion"] = record.prompt, record.completion
         with self._lock:  # the clock is read and the line queued in one step: the file's times never run backwards
-            self._queue.handle(logging.makeLogRecord({"msg": fields}))
+            self._queue.handle(logging.makeLogRecord({"msg": fields, "created": time.time()}))
 
     def close(self) -> None:
         """Write out what is queued and close the file. Only the first call does anything: Serve calls the router's
