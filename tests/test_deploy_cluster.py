@@ -1,6 +1,9 @@
 """`jobs/deploy.py` on a machine where no Ray cluster runs: it starts one with `ray start --head`, deploys there,
 and the application keeps serving after the command exits; a second deploy joins that cluster instead of starting
-another. The test owns that cluster (its own $RAY_TMPDIR) and stops exactly it, never `ray stop`."""
+another. The test owns that cluster (its own $RAY_TMPDIR) and stops exactly it, never `ray stop`.
+
+Then against a cluster it did not start: API keys from the deploying shell only, a deploy too big for the cluster,
+and a router that fails at start; each on a head the tests own (`LocalCluster`)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 from raycluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +90,86 @@ def test_deploy_starts_a_cluster_when_none_runs_and_joins_it_next_time(tiny_base
         stop_cluster(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not processes_under(ray_tmp)
+
+
+# -- `strata deploy` against a cluster it did not start (`--address`), as on a shared or remote head ------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-CPU head started without $STRATA_API_KEYS, whose Python imports this checkout's `strata`."""
+    from raycluster import LocalCluster
+
+    owned = LocalCluster(head_cpus=2, env={"PYTHONPATH": f"{ROOT / 'platform'}:{ROOT}", "STRATA_API_KEYS": ""})
+    owned.serve_port = free_port()
+    yield owned
+    owned.shutdown()
+
+
+def register(model: str, model_dir: Path, aliases: list[str]) -> str:
+    """`model_dir` as a version of `model` in this test's store, every alias pointing at it; the store's URI."""
+    from strata import registry, tracking
+
+    uri = tracking.use_store()
+    with tracking.start_run("deploy-test", "versions", {}):
+        version = registry.log_model(model_dir, model).version
+    for alias in aliases:
+        registry.set_alias(model, alias, version)
+    return uri
+
+
+def deploy_to(cluster, home: Path, uri: str, app: str, *args: str, keys: str = KEY) -> subprocess.CompletedProcess:
+    """`jobs/deploy.py --address` from a shell of its own: its $STRATA_HOME, store and $STRATA_API_KEYS."""
+    env = {**cluster.env, "STRATA_HOME": str(home), "MLFLOW_TRACKING_URI": uri, "STRATA_API_KEYS": keys}
+    command = [sys.executable, "jobs/deploy.py", "--model", MODEL, "--app", app, "--route-prefix", f"/{app}"]
+    command += ["--address", cluster.address, "--port", str(cluster.serve_port), "--wait-timeout", "240", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def applications(cluster) -> dict:
+    headers = {"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"}
+    return httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", headers=headers).json()["applications"]
+
+
+@pytest.mark.slow
+def test_keys_from_the_deploying_shell_work_on_a_cluster_started_without_them(cluster, tiny_base, strata_home):
+    from strata.serve.auth import hash_key
+
+    uri = register(MODEL, tiny_base, ["stable"])
+    deployed = deploy_to(cluster, strata_home, uri, "keys", "--split", "stable=100", "--num-cpus", "0.25")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    url = f"http://127.0.0.1:{cluster.serve_port}/keys/v1/completions"
+    assert complete(url).status_code == 200
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
+
+    written = (strata_home / "serve/keys.yaml").read_text()
+    assert KEY not in written  # only its hash travels
+    [app] = yaml.safe_load(written)["applications"]
+    assert app["args"]["auth"]["api_key_hashes"] == [hash_key(KEY)]
+
+
+@pytest.mark.slow
+def test_a_deploy_the_cluster_cannot_hold_fails_at_once_naming_the_numbers(cluster, tiny_base, strata_home):
+    """Two replicas at 1 CPU and the router's 0.5 on a 2-CPU head: refused before anything is deployed."""
+    uri = register(MODEL, tiny_base, ["stable", "fast"])
+    deployed = deploy_to(cluster, strata_home, uri, "big", "--split", "stable=50,fast=50", "--num-cpus", "1")
+    assert deployed.returncode == 1, deployed.stderr[-3000:]
+    error = " ".join(deployed.stderr.split())  # the console wraps long lines
+    assert "needs 2.5 CPUs (Router 1 x 0.5, model-stable 1 x 1, model-fast 1 x 1)" in error, error
+    assert "but the cluster has 2" in error and "lower --num-cpus (per model replica)" in error, error
+    assert "big" not in applications(cluster)
+    assert not (strata_home / "serve/big.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_router_that_fails_to_start_shows_its_own_error(cluster, tiny_base, strata_home):
+    """A real fault: the audit log's directory is a file, so the router's constructor raises on the cluster. The
+    command must say so, not only Serve's "Failed to update the deployments ['Router']"."""
+    uri = register(MODEL, tiny_base, ["stable"])
+    (strata_home / "logs").write_text("not a directory")
+    deployed = deploy_to(cluster, strata_home, uri, "broken", "--split", "stable=100", "--num-cpus", "0.25")
+    assert deployed.returncode == 1, deployed.stderr[-3000:]
+    assert "failed to deploy" in deployed.stderr, deployed.stderr[-3000:]
+    assert "Router:" in deployed.stderr and "FileExistsError" in deployed.stderr, deployed.stderr[-3000:]
+    assert str(strata_home / "logs") in deployed.stderr.replace("\n", "")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -236,13 +238,19 @@ def test_api_keys_rate_limits_and_the_audit_log(served):
     assert 1 <= int(statuses[-1].headers["Retry-After"]) <= 10
     assert httpx.post(url, json=body, headers=auth(KEYS["other"])).status_code == 200  # other keys are unaffected
 
-    audit = (served["home"] / "audit.jsonl").read_text()
-    for key in KEYS.values():
-        assert key not in audit
     from strata.serve.auth import key_id
 
-    lines = [json.loads(line) for line in audit.splitlines()]
-    limited = [line for line in lines if line["key_id"] == key_id(KEYS["limited"])]
+    deadline = time.monotonic() + 30
+    while True:  # a background thread writes each line just after its reply
+        audit = (served["home"] / "audit.jsonl").read_text()
+        lines = [json.loads(line) for line in audit.splitlines(keepends=True) if line.endswith("\n")]
+        limited = [line for line in lines if line["key_id"] == key_id(KEYS["limited"])]
+        if len(limited) >= 4:
+            break
+        assert time.monotonic() < deadline, lines[-4:]
+        time.sleep(0.1)
+    for key in KEYS.values():
+        assert key not in audit
     assert [line["status"] for line in limited[-4:]] == [200, 200, 200, 429]
     assert {"time", "variant", "prompt_tokens", "completion_tokens", "latency_ms"} <= set(limited[-1])
     assert "prompt" not in limited[-1]
@@ -284,50 +292,86 @@ def test_split_follows_the_weights_and_users_stick_to_a_variant(served):
     assert {r.headers["x-strata-variant"] for r in pinned} == {"fast"}
 
 
+def apply_split(served, weights: dict[str, float]) -> None:
+    """Change the split live and wait until the router serves it."""
+    from strata.serve import deploy
+
+    deploy.set_weights(served["dashboard"], APP, weights)
+    shares = {name: weight / sum(weights.values()) for name, weight in weights.items()}
+    deadline = time.monotonic() + 60
+    while httpx.get(served["url"] + "/health").json()["split"] != shares:
+        assert time.monotonic() < deadline, "the new split never arrived"
+        time.sleep(0.2)
+
+
+@dataclasses.dataclass
+class Sent:
+    client: int
+    variant: str | None
+    replied_at: float  # when its reply began: the router had chosen its variant by then
+    finished_at: float
+    error: str | None
+
+
 @pytest.mark.slow
 def test_live_weight_change_restarts_nothing_and_fails_no_request_in_flight(served):
+    """All traffic moves from `stable` to `fast` while streams run. A request's variant says which split the router
+    gave it, so a `stable` stream that ends after a `fast` reply began was in flight when the change landed: the test
+    finds such streams by the order of events, on any machine, and every request must succeed."""
     from strata.serve import deploy
 
     url = served["url"] + "/v1/completions"
+    apply_split(served, {"stable": 1, "fast": 0})
     replicas_before = {v: model_stats(v)["replica"] for v in ("stable", "fast")}
     router_before = httpx.get(served["url"] + "/health").json()["replica"]
-    failures, served_by, stop = [], collections.Counter(), threading.Event()
+    sent: list[Sent] = []
+    stop = threading.Event()
 
-    def stream_forever():
+    def send_until_stopped(client: int, stream: bool) -> None:
+        """Long streams (they outlast the change), or, as a probe of the new split, one-token completions."""
+        body = {"model": MODEL, "prompt": "class A:\n", "max_tokens": 96 if stream else 1, "stop": ["never!"]}
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
-                body = {"model": MODEL, "prompt": "class A:\n", "max_tokens": 24, "stream": True}
+                variant, error = None, None
                 try:
-                    with http.stream("POST", url, json=body, headers=auth()) as response:
+                    with http.stream("POST", url, json={**body, "stream": stream}, headers=auth()) as response:
+                        replied_at, variant = time.monotonic(), response.headers.get("x-strata-variant")
                         text = "".join(response.iter_text())
-                        if response.status_code != 200 or not text.rstrip().endswith("data: [DONE]"):
-                            failures.append((response.status_code, text[-200:]))
-                        served_by[response.headers.get("x-strata-variant")] += 1
-                except Exception as err:  # noqa: BLE001 - any failure of an in-flight request fails the test
-                    failures.append(repr(err))
+                    done = not stream or text.rstrip().endswith("data: [DONE]")
+                    if response.status_code != 200 or not done:
+                        error = f"{response.status_code}: {text[-200:]}"
+                except Exception as err:  # noqa: BLE001 - any failure of a request fails the test
+                    replied_at, error = time.monotonic(), repr(err)
+                sent.append(Sent(client, variant, replied_at, time.monotonic(), error))
 
-    threads = [threading.Thread(target=stream_forever) for _ in range(6)]
+    streams = 4
+    threads = [threading.Thread(target=send_until_stopped, args=(i, i < streams)) for i in range(streams + 1)]
     for thread in threads:
         thread.start()
-    time.sleep(3)
-    deploy.set_weights(served["dashboard"], APP, {"stable": 0, "fast": 100})
-    deadline = time.monotonic() + 60
-    while httpx.get(served["url"] + "/health").json()["split"]["fast"] != 1.0:
-        assert time.monotonic() < deadline, "the new split never arrived"
-        time.sleep(0.5)
-    time.sleep(3)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures[:3]
-    assert sum(served_by.values()) > 12
+    try:
+        deadline = time.monotonic() + 120
+        while {s.client for s in sent} != set(range(streams + 1)):  # every client has been served once
+            assert time.monotonic() < deadline, sent[-3:]
+            time.sleep(0.1)
+        apply_split(served, {"stable": 0, "fast": 1})
+        while {s.client for s in sent if s.variant == "fast"} != set(range(streams + 1)):
+            assert time.monotonic() < deadline, sent[-3:]  # each client's stable stream has ended by then
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not [s for s in sent if s.error], [s for s in sent if s.error][:3]
+    first_on_new_split = min(s.replied_at for s in sent if s.variant == "fast")
+    in_flight = [s for s in sent if s.variant == "stable" and s.finished_at > first_on_new_split]
+    assert in_flight, "no request was in flight while the split changed"
 
     after = asyncio.run(_send(url, [{"model": MODEL, "prompt": "x", "max_tokens": 1}] * 40, concurrency=8))
     assert {r.headers["x-strata-variant"] for r in after} == {"fast"}
     assert {v: model_stats(v)["replica"] for v in ("stable", "fast")} == replicas_before
     assert httpx.get(served["url"] + "/health").json()["replica"] == router_before
 
-    deploy.set_weights(served["dashboard"], APP, {"stable": 90, "fast": 10})
+    apply_split(served, {"stable": 90, "fast": 10})
     with pytest.raises(ValueError, match="unknown variants"):
         deploy.set_weights(served["dashboard"], APP, {"stable": 50, "canary": 50})
 
@@ -531,6 +575,8 @@ def test_checked_in_ab_config_is_valid():
     [app] = config["applications"]
     assert app["import_path"] == "serve_apps.ab:build_app"
     parsed = ServeConfig.model_validate(app["args"])
+    # Versions, not aliases: a replica started later must load its siblings' weights.
+    assert all(re.fullmatch(r"models:/[\w.-]+/\d+", v.model) for v in parsed.variants), parsed.variants
     [router] = [d for d in app["deployments"] if d["name"] == "Router"]
     Split(router["user_config"]["weights"], [v.name for v in parsed.variants])
 
@@ -556,6 +602,7 @@ def test_deploy_and_split_commands(served, capsys):
     from ray import serve
 
     from strata.cli import main
+    from strata.serve.auth import hash_key
 
     serve.delete(APP)
     keys_file = served["home"] / "keys.txt"
@@ -564,6 +611,8 @@ def test_deploy_and_split_commands(served, capsys):
     assert main([*argv, "--keys-file", str(keys_file), "--out", str(out), "--max-batch-size", "8"]) == 0
     [app] = yaml.safe_load(out.read_text())["applications"]
     assert [v["model"] for v in app["args"]["variants"]] == [f"models:/{MODEL}/1", f"models:/{MODEL}/2"]
+    assert app["args"]["auth"]["api_key_hashes"] == [hash_key(key) for key in KEYS.values()]
+    assert "api_keys_file" not in app["args"]["auth"] and not [k for k in KEYS.values() if k in out.read_text()]
     assert app["deployments"] == [{"name": "Router", "user_config": {"weights": {"stable": 50.0, "fast": 50.0}}}]
 
     url = served["url"] + "/v1/completions"

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import collections
+import io
+import itertools
+import json
+import re
+import threading
+import time
+from datetime import datetime
+from logging.handlers import RotatingFileHandler
+from types import SimpleNamespace
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from strata.config import RateLimit, VariantConfig
-from strata.serve.auth import KEYS_ENV, Authenticator, RateLimiter, key_id, load_keys
+from strata.config import AuthSettings, RateLimit, ServeConfig, VariantConfig
+from strata.serve.audit import AuditLog
+from strata.serve.auth import KEYS_ENV, Authenticator, RateLimiter, hash_key, key_hashes, key_id, read_keys
 from strata.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, max_tokens_of, parse_request
 from strata.serve.routing import Split, parse_split
 
@@ -17,9 +28,9 @@ def test_keys_come_from_the_environment_and_the_keys_file(tmp_path, monkeypatch)
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("# team keys\nsk-file-1\n\nsk-file-2  # ci\n")
     monkeypatch.setenv(KEYS_ENV, "sk-env-1, sk-env-2")
-    keys = load_keys(str(keys_file))
-    assert sorted(keys.values()) == ["sk-env-1", "sk-env-2", "sk-file-1", "sk-file-2"]
-    authenticate = Authenticator(keys)
+    keys = read_keys(str(keys_file))
+    assert sorted(keys) == ["sk-env-1", "sk-env-2", "sk-file-1", "sk-file-2"]
+    authenticate = Authenticator(map(hash_key, keys))
     assert authenticate("Bearer sk-env-2") == key_id("sk-env-2")
     assert authenticate("bearer sk-file-2") == key_id("sk-file-2")
     for header in (None, "", "Bearer", "Basic sk-env-1", "Bearer sk-nope"):
@@ -31,7 +42,7 @@ def test_keys_come_from_the_environment_and_the_keys_file(tmp_path, monkeypatch)
 def test_no_keys_is_refused_unless_anonymous_is_asked_for(monkeypatch):
     monkeypatch.delenv(KEYS_ENV, raising=False)
     with pytest.raises(ValueError, match=KEYS_ENV):
-        Authenticator(load_keys(None))
+        Authenticator(key_hashes(AuthSettings()))
     assert Authenticator({}, allow_anonymous=True)(None) == "anonymous"
 
 
@@ -111,3 +122,153 @@ def test_a_variant_with_a_lora_adapter_serves_the_merged_weights(tiny_base, tmp_
         assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-3)
     assert tuned_info["adapter"] == str(tmp_path / "adapter") and "adapter" not in info
     assert tokenizer.chat_template
+
+
+def fast_users(split: Split, users: list[str]) -> set[str]:
+    return {user for user in users if split.assign(user) == "fast"}
+
+
+def test_sticky_users_are_drawn_afresh_for_each_experiment():
+    """Salted per experiment: another experiment's 10% are not the same users again."""
+    users = [f"user-{i}" for i in range(10_000)]
+    first = fast_users(Split({"stable": 90, "fast": 10}, ["stable", "fast"], salt="experiment-1"), users)
+    second = fast_users(Split({"stable": 90, "fast": 10}, ["stable", "fast"], salt="experiment-2"), users)
+    assert abs(len(first) / len(users) - 0.10) < 0.01 and abs(len(second) / len(users) - 0.10) < 0.01
+    assert len(first & second) / len(first) < 0.2  # independent draws share ~10% of their users, not all
+
+    # By default a config's experiment is its variants: new versions are a new experiment, a reordering is not.
+    variants = [{"name": "stable", "model": "models:/m/1"}, {"name": "fast", "model": "models:/m/2"}]
+    config = ServeConfig(model_name="m", variants=variants)
+    assert ServeConfig(model_name="m", variants=variants[::-1]).split_salt == config.split_salt
+    newer = [variants[0], {"name": "fast", "model": "models:/m/3"}]
+    assert ServeConfig(model_name="m", variants=newer).split_salt != config.split_salt
+    assert ServeConfig(model_name="m", variants=variants, experiment="exp-7").split_salt == "exp-7"
+
+
+def test_reordering_the_variants_reassigns_nobody():
+    users = [f"user-{i}" for i in range(5_000)]
+    weights = {"stable": 70, "fast": 20, "canary": 10}
+    listed = Split(weights, ["stable", "fast", "canary"], salt="exp")
+    reordered = Split(weights, ["canary", "stable", "fast"], salt="exp")
+    assert all(listed.assign(user) == reordered.assign(user) for user in users)
+    # Nobody joins a variant whose weight fell, and nobody leaves one whose weight rose.
+    shifted = Split({"stable": 60, "fast": 20, "canary": 20}, ["stable", "fast", "canary"], salt="exp")
+    moves = {(listed.assign(u), shifted.assign(u)) for u in users} - {(v, v) for v in weights}
+    assert ("stable", "canary") in moves and not [m for m in moves if m[1] == "stable" or m[0] == "canary"]
+
+
+def test_router_replicas_share_the_rate_limit_so_the_application_allows_what_the_config_says(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("strata.serve.auth.time.monotonic", lambda: now[0])
+    limit = RateLimit(requests_per_minute=120, burst=4)
+    replicas = [RateLimiter(limit, replicas=2), RateLimiter(limit, replicas=2)]
+
+    def admitted() -> int:
+        """Requests the two replicas admit now, each sent as many as it lets through."""
+        count = 0
+        for replica in replicas:
+            while True:
+                try:
+                    replica("key-a")
+                except ApiError:
+                    break
+                count += 1
+        return count
+
+    assert admitted() == 4  # the burst, across both replicas
+    now[0] += 1.0
+    assert admitted() == 2  # 120 a minute = 2 a second, across both replicas
+    with pytest.raises(ValidationError, match=r"auth.key_limits.key-x.burst \(1\) must be at least router_replicas"):
+        ServeConfig(
+            model_name="m",
+            variants=[{"name": "stable", "model": "models:/m/1"}],
+            router_replicas=2,
+            auth={"key_limits": {"key-x": {"burst": 1}}},
+        )
+
+
+def audit_record(i: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        endpoint="/v1/completions", key_id=f"key-{i:06d}", variant="stable", status=200, prompt_tokens=3,
+        completion_tokens=5, ttft=0.01, prompt=None, completion=None,
+    )  # fmt: skip
+
+
+def test_audit_log_rotates_by_size_and_writes_off_the_callers_thread(tmp_path, monkeypatch):
+    writers = set()
+    emit = RotatingFileHandler.emit
+
+    def recording_emit(handler, record):
+        writers.add(threading.current_thread())
+        emit(handler, record)
+
+    monkeypatch.setattr(RotatingFileHandler, "emit", recording_emit)
+    audit = AuditLog(str(tmp_path / "audit.jsonl"), max_bytes=2_000, backup_count=2)
+    for i in range(100):
+        audit.write(audit_record(i), latency_s=0.02)
+    audit.close()
+
+    assert writers and threading.current_thread() not in writers  # the caller (the event loop) never touches disk
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]  # the oldest deleted
+    assert all(f.stat().st_size <= 2_000 for f in files)
+    kept = [json.loads(line) for name in ("audit.jsonl.2", "audit.jsonl.1", "audit.jsonl") for line in
+            (tmp_path / name).read_text().splitlines()]  # fmt: skip
+    assert [r["key_id"] for r in kept] == [f"key-{i:06d}" for i in range(100 - len(kept), 100)]  # whole, in order
+
+
+def test_audit_times_are_one_clock_reading_each_and_never_run_backwards(tmp_path, monkeypatch):
+    """A clock read twice per record (seconds, then milliseconds) could stamp 12:00:00.001 after 12:00:00.999."""
+    clock = itertools.count(1_800_000_000.9990, 0.0003)  # readings that cross a second boundary
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    for i in range(10):
+        audit.write(audit_record(i), latency_s=0.02)
+    audit.close()
+    times = [json.loads(line)["time"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", t) for t in times), times
+    parsed = [datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() for t in times]
+    assert parsed == sorted(parsed), times
+    assert int(parsed[0]) == 1_800_000_000 and int(parsed[-1]) == 1_800_000_001  # it did cross the boundary
+
+
+def test_keys_are_known_by_their_hashes_and_a_keys_file_lives_under_strata_home(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEYS_ENV, raising=False)
+    authenticate = Authenticator(key_hashes(AuthSettings(api_key_hashes=[hash_key("sk-hashed")])))
+    assert authenticate("Bearer sk-hashed") == key_id("sk-hashed")
+    with pytest.raises(ApiError):
+        authenticate(f"Bearer {hash_key('sk-hashed')}")  # the hash is not a key
+    with pytest.raises(ValidationError, match="api_key_hashes.0"):
+        AuthSettings(api_key_hashes=["sk-a-raw-key"])
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    (home / "serve").mkdir(parents=True)
+    elsewhere.mkdir()
+    (home / "serve/keys.txt").write_text("sk-in-home\n")
+    monkeypatch.setenv("STRATA_HOME", str(home))
+    monkeypatch.chdir(elsewhere)  # a replica's working directory is not $STRATA_HOME
+    assert key_hashes(AuthSettings(api_keys_file="serve/keys.txt")) == [hash_key("sk-in-home")]
+
+
+def test_strata_keys_makes_keys_and_hashes_them(monkeypatch, capsys):
+    from strata.cli import main
+
+    assert main(["keys", "new"]) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    assert key.startswith("sk-strata-") and hash_key(key) in out.err
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"# team\n{key}\nsk-other  # ci\n"))
+    assert main(["keys", "hash"]) == 0
+    assert capsys.readouterr().out.split() == [hash_key(key), hash_key("sk-other")]
+
+
+def test_the_default_deploy_fits_two_cpus():
+    """Two variants and the router at `strata deploy`'s defaults fit a fresh `ray start --head --num-cpus 2`."""
+    from strata.serve.deploy import DeployRequest, required_resources
+
+    request = DeployRequest(model="m", weights={"stable": 90, "fast": 10})
+    variants = [VariantConfig(name=n, model=f"models:/m/{i}", num_cpus=request.num_cpus) for i, n in enumerate("ab")]
+    needed = required_resources(ServeConfig(model_name="m", variants=variants))
+    assert sum(d["replicas"] * d["CPU"] for d in needed.values()) <= 2
+    one = ServeConfig(model_name="m", variants=[{"name": "a", "model": "d"}])
+    assert required_resources(one)["model-a"]["CPU"] <= 0.5  # a hand-written variant's default, too

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from strata.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
 
@@ -190,13 +191,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         requests_per_minute=args.requests_per_minute,
         burst=args.burst,
-        keys_file=args.keys_file,
+        keys_file=os.path.abspath(args.keys_file) if args.keys_file else None,
         out=args.out,
         address=args.address,
         cluster_cpus=args.cluster_cpus,
+        wait_timeout_s=args.wait_timeout,
+        experiment=args.experiment,
+        check_resources=not args.no_resource_check,
     )
-    with console.status(f"deploying {args.app!r}") as status:
-        deployed = deploy.deploy_aliases(request, log=console.print, on_status=status.update)
+    try:
+        with console.status(f"deploying {args.app!r}") as status:
+            deployed = deploy.deploy_aliases(request, log=console.print, on_status=status.update)
+    except (deploy.DeployError, TimeoutError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)  # Serve's messages hold [brackets]
+        return 1
     console.print(f"wrote the deployed config to {deployed.config_path} (`serve deploy` re-applies it)")
     console.print(f"[green]serving[/green] {args.model} at {deployed.base_url}")
     body = f'{{"model": "{args.model}", "prompt": "def "}}'
@@ -222,10 +230,31 @@ def cmd_split(args: argparse.Namespace) -> int:
         deploy.set_weights(dashboard, args.app, weights)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    with console.status(f"applying the split to {args.app!r}"):
-        deploy.wait_until_running(dashboard, args.app)
+    try:
+        with console.status(f"applying the split to {args.app!r}"):
+            deploy.wait_until_running(dashboard, args.app)
+    except (deploy.DeployError, TimeoutError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)  # Serve's messages hold [brackets]
+        return 1
     total = sum(weights.values())
     console.print(f"{args.app}: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in weights.items()))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`new`: a fresh API key on stdout, its hash on stderr. `hash`: the hash of each key read from stdin (one per
+    line, as in a keys file), for `auth.api_key_hashes`: a serve config never holds a key itself."""
+    from strata.serve.auth import hash_key, new_key, parse_keys
+
+    if args.action == "new":
+        key = new_key()
+        print(key)
+        console.print(f"sha256 (for auth.api_key_hashes): {hash_key(key)}", highlight=False)
+        return 0
+    keys = parse_keys(sys.stdin.read())
+    if not keys:
+        raise ConfigError("no keys on stdin: pipe them in, one per line (`strata keys hash < keys.txt`)")
+    print("\n".join(hash_key(key) for key in keys))
     return 0
 
 
@@ -270,15 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--app", default="strata", help="Serve application name")
     dep.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve proxy, if Serve is not running")
     dep.add_argument("--route-prefix", default="/", help="URL prefix of this application")
-    dep.add_argument("--num-cpus", type=float, default=1, help="CPUs per model replica")
+    dep.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per model replica (torch uses 1 thread per CPU)")
     dep.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica")
     dep.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per replica")
-    dep.add_argument("--requests-per-minute", type=float, default=600, help="rate limit per API key")
+    dep.add_argument("--requests-per-minute", type=float, default=600, help="rate limit per API key, in all")
     dep.add_argument("--burst", type=int, default=60, help="requests a key may send at once")
-    dep.add_argument("--keys-file", help="API keys, one per line (default: $STRATA_API_KEYS, else a new file)")
+    dep.add_argument(
+        "--keys-file",
+        help="API keys, one per line, added to $STRATA_API_KEYS (default: $STRATA_API_KEYS, else "
+        "$STRATA_HOME/serve/keys.txt, made with a new key); only their hashes reach the cluster",
+    )
+    dep.add_argument("--experiment", help="name of the A/B experiment: salts which users stick to which variant")
     dep.add_argument("--out", help="where to write the serve deploy config (default: $STRATA_HOME/serve/APP.yaml)")
     dep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, a local cluster, else a new one)")
     dep.add_argument("--cluster-cpus", type=int, help="CPUs of the local cluster, if one has to be started")
+    dep.add_argument("--wait-timeout", type=float, default=300, help="seconds to wait for the application to run")
+    dep.add_argument(
+        "--no-resource-check",
+        action="store_true",
+        help="deploy even if the cluster lacks the CPUs/GPUs now (it autoscales: nodes come once replicas ask)",
+    )
     dep.set_defaults(func=cmd_deploy)
 
     split = sub.add_parser("split", help="change a deployed application's split live")
@@ -291,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--port", type=int, default=9090)
     mon.add_argument("--ray-temp-dir", default="/tmp/ray", help="the Ray head's --temp-dir")
     mon.set_defaults(func=cmd_monitor)
+
+    keys = sub.add_parser("keys", help="API keys: make a new one, or hash keys for auth.api_key_hashes")
+    keys.add_argument("action", choices=["new", "hash"], help="new: print a new key; hash: hash the keys on stdin")
+    keys.set_defaults(func=cmd_keys)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     ui.add_argument("--port", type=int, default=5000)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from strata.config.base import StrictModel
 
@@ -63,18 +63,38 @@ class VariantConfig(StrictModel):
     adapter: str | None = Field(None, description="A LoRA adapter (directory or runs:/ URI) applied to `model`.")
     num_replicas: int = Field(1, gt=0)
     autoscaling: AutoscalingSettings | None = None
-    num_cpus: float = Field(1, ge=0)
+    num_cpus: float = Field(0.5, ge=0, description="Per replica; 0.5 lets two variants and the router share 2 CPUs.")
     num_gpus: float = Field(0, ge=0)
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
 class RateLimit(StrictModel):
-    requests_per_minute: float = Field(600, gt=0, description="Per key, per router replica.")
-    burst: int = Field(60, gt=0, description="Requests a key may send at once before the per-minute rate applies.")
+    requests_per_minute: float = Field(
+        600,
+        gt=0,
+        description="Per key, for the whole application: each of the `router_replicas` enforces its share of it.",
+    )
+    burst: int = Field(
+        60,
+        gt=0,
+        description="Requests a key may send at once before the per-minute rate applies; shared among the router "
+        "replicas like the rate, so it must be at least `router_replicas`.",
+    )
+
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class AuthSettings(RateLimit):
-    api_keys_file: str | None = Field(None, description="One key per line; added to $STRATA_API_KEYS.")
+    api_key_hashes: list[Sha256Hex] = Field(
+        default_factory=list,
+        description="sha256 hex digests of the API keys (`strata keys hash`): a config never holds a key itself.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="One key per line, read by the router (relative paths: under $STRATA_HOME on its node); "
+        "adds to api_key_hashes and the cluster's $STRATA_API_KEYS.",
+    )
     allow_anonymous: bool = Field(False, description="Serve without keys (local experiments only).")
     key_limits: dict[str, RateLimit] = Field(
         default_factory=dict, description="Per key id (`key-...`, as in the audit log): a different rate limit."
@@ -82,8 +102,12 @@ class AuthSettings(RateLimit):
 
 
 class AuditSettings(StrictModel):
-    path: str = Field("logs/audit.jsonl", description="JSON lines, one per request.")
+    path: str = Field("logs/audit.jsonl", description="JSON lines, one per request; relative: under $STRATA_HOME.")
     log_prompts: bool = Field(False, description="Also record prompts and completions.")
+    max_bytes: int = Field(
+        100 * 2**20, gt=0, description="The file rotates at this size: PATH is renamed PATH.1, PATH.1 PATH.2, ..."
+    )
+    backup_count: int = Field(10, gt=0, description="Rotated files kept; the oldest beyond them is deleted.")
 
 
 class ServeConfig(StrictModel):
@@ -100,6 +124,11 @@ class ServeConfig(StrictModel):
     max_body_bytes: int = Field(1_000_000, gt=0)
     router_replicas: int = Field(1, gt=0)
     router_num_cpus: float = Field(0.5, ge=0)
+    experiment: str | None = Field(
+        None,
+        description="Names this A/B experiment and salts its sticky assignment, so each experiment draws its own "
+        "users for each variant. Default: the variants' names and models (new versions, a new experiment).",
+    )
 
     @model_validator(mode="after")
     def _variants_and_weights(self) -> ServeConfig:
@@ -109,6 +138,22 @@ class ServeConfig(StrictModel):
         validate_weights(self.initial_weights, names)
         return self
 
+    @model_validator(mode="after")
+    def _burst_per_router_replica(self) -> ServeConfig:
+        limits = {"auth": self.auth} | {f"auth.key_limits.{kid}": limit for kid, limit in self.auth.key_limits.items()}
+        for where, limit in limits.items():
+            if limit.burst < self.router_replicas:
+                raise ValueError(
+                    f"{where}.burst ({limit.burst}) must be at least router_replicas ({self.router_replicas}): "
+                    "each router replica admits its share of the burst"
+                )
+        return self
+
     @property
     def initial_weights(self) -> dict[str, float]:
         return self.weights or {v.name: 1.0 for v in self.variants}
+
+    @property
+    def split_salt(self) -> str:
+        """What seeds the sticky assignment: the experiment's name, else its variants (in no particular order)."""
+        return self.experiment or ",".join(sorted(f"{v.name}={v.model}+{v.adapter or ''}" for v in self.variants))

@@ -2,6 +2,9 @@
 
 A config names each variant by the registry *version* its alias pointed to when the config was written: a replica
 started later (autoscaling, a restart) must load the same weights as its siblings even if the alias has moved since.
+It names API keys by their sha256 digests only, taken from the deploying shell, so a deploy from any shell works
+against any cluster and no key is ever written to a config. Before deploying, the cluster is checked to have room
+for every replica and the router: Serve would otherwise wait for resources forever.
 Changing the split re-deploys the running config with only the router's `user_config` changed, which Serve applies
 with `reconfigure` on the live router: no replica restarts and no request in flight fails.
 """
@@ -28,11 +31,15 @@ from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from strata import paths, tracking
 from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig
-from strata.serve.auth import KEYS_ENV, ensure_keys_file
+from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
 from strata.serve.routing import Split
 
 IMPORT_PATH = "serve_apps.ab:build_app"
 ROUTER = "Router"
+
+
+class DeployError(RuntimeError):
+    """The application cannot run: the cluster is too small for it, or Serve failed to start it."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class DeployRequest:
     app: str = "strata"
     port: int = 8000
     route_prefix: str = "/"
-    num_cpus: float = 1
+    num_cpus: float = 0.5
     num_gpus: float = 0
     max_batch_size: int = 32
     requests_per_minute: float = 600
@@ -53,6 +60,9 @@ class DeployRequest:
     out: str | None = None
     address: str | None = None
     cluster_cpus: int | None = None
+    wait_timeout_s: float = 300
+    experiment: str | None = None
+    check_resources: bool = True  # off for a cluster that autoscales: its nodes come once the replicas ask
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class Deployed:
     key_hint: str  # how a shell gets a key: `$(head -1 FILE)` or from $STRATA_API_KEYS
 
 
-def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, keys_file: str | None) -> ServeConfig:
+def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_hashes: list[str]) -> ServeConfig:
     """The application's config: one variant per alias, pinned to the version it points to now."""
     try:
         variants = variants_from_aliases(
@@ -78,11 +88,10 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, keys_fi
             weights=request.weights,
             tracking_uri=tracking_uri,
             auth=AuthSettings(
-                api_keys_file=str(Path(keys_file).resolve()) if keys_file else None,
-                requests_per_minute=request.requests_per_minute,
-                burst=request.burst,
+                api_key_hashes=key_hashes, requests_per_minute=request.requests_per_minute, burst=request.burst
             ),
             audit={"path": paths.resolve("logs/audit.jsonl")},
+            experiment=request.experiment,
         )
     except (ValueError, ValidationError) as err:
         raise ConfigError(str(err)) from None
@@ -91,19 +100,29 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, keys_fi
 def deploy_aliases(
     request: DeployRequest, log: Callable[[str], None] = print, on_status: Callable[[str], None] | None = None
 ) -> Deployed:
-    """Resolve the aliases, deploy the application beside any others on the cluster, wait until it runs, and write
-    the deployed `serve deploy` config (so the same deployment can be re-applied by hand)."""
+    """Resolve the aliases, check the cluster has room, deploy the application beside any others, write the deployed
+    `serve deploy` config (so the same deployment can be re-applied by hand) and wait until it runs."""
     tracking_uri = tracking.use_store()
     keys_file = request.keys_file or ensure_keys_file(log)
-    config = serve_config_from_aliases(request, tracking_uri, keys_file)
+    key_hashes = [hash_key(key) for key in read_keys(keys_file)]
+    if not key_hashes:
+        raise ConfigError(f"no API keys in {keys_file or '$' + KEYS_ENV}: add one (`strata keys new`)")
+    config = serve_config_from_aliases(request, tracking_uri, key_hashes)
     for variant in config.variants:
         log(f"  {variant.name}: {variant.model} (weight {request.weights[variant.name]:g})")
     dashboard = connect(request.address, num_cpus=request.cluster_cpus)
+    if request.check_resources:
+        check_fits(dashboard, config, request.app)
     serve_config = deploy_application(dashboard, application(config, request.app, request.route_prefix), request.port)
     out = Path(request.out or paths.resolve(f"serve/{request.app}.yaml"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(serve_config, sort_keys=False))
-    wait_until_running(dashboard, request.app, on_poll=on_status and (lambda s: on_status(f"{request.app}: {s}")))
+    wait_until_running(
+        dashboard,
+        request.app,
+        request.wait_timeout_s,
+        on_poll=on_status and (lambda s: on_status(f"{request.app}: {s}")),
+    )
     port = serve_config["http_options"]["port"]
     base_url = f"http://127.0.0.1:{port}{request.route_prefix.rstrip('/')}/v1"
     key_hint = f"$(head -1 {keys_file})" if keys_file else "${" + KEYS_ENV + "%%,*}"
@@ -141,11 +160,13 @@ def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
 
 
 def wait_until_running(
-    dashboard_url: str, app: str, timeout_s: float = 600, on_poll: Callable[[str], None] | None = None
+    dashboard_url: str, app: str, timeout_s: float = 300, on_poll: Callable[[str], None] | None = None
 ) -> None:
+    """Until `app` runs; DeployError if Serve gives up on it, TimeoutError after `timeout_s`, both with Serve's
+    reasons (a replica's own error, or the resources it waits for)."""
     client = ServeSubmissionClient(dashboard_url)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         details = client.get_serve_details().get("applications", {}).get(app)
         status = details["status"] if details else "NOT_STARTED"
         if on_poll:
@@ -153,9 +174,62 @@ def wait_until_running(
         if status == "RUNNING":
             return
         if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"application {app!r} failed to deploy: {details.get('message')}")
+            raise DeployError(f"application {app!r} failed to deploy.\n{serve_reasons(details)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"application {app!r} is still {status} after {timeout_s:g}s (a longer wait: --wait-timeout).\n"
+                + serve_reasons(details)
+            )
         time.sleep(1)
-    raise TimeoutError(f"application {app!r} not running after {timeout_s:.0f}s")
+
+
+def serve_reasons(details: dict[str, Any] | None) -> str:
+    """What Serve says about an application: its own message, and each deployment's that is not healthy, which
+    holds a replica's error (the application's only names the deployments that failed)."""
+    reasons = [details["message"]] if details and details.get("message") else []
+    for name, deployment in (details or {}).get("deployments", {}).items():
+        if deployment["status"] != "HEALTHY" and deployment.get("message"):
+            reasons.append(f"{name}: {deployment['message']}")
+    return "\n".join(reasons) or "Serve gives no reason."
+
+
+def required_resources(config: ServeConfig) -> dict[str, dict[str, float]]:
+    """Per deployment, what the application holds once it runs: replicas x resources per replica (the minimum
+    replicas of an autoscaled variant). Serve's controller and proxies hold no CPU."""
+    needed = {ROUTER: {"replicas": config.router_replicas, "CPU": config.router_num_cpus, "GPU": 0.0}}
+    for variant in config.variants:
+        replicas = variant.autoscaling.min_replicas if variant.autoscaling else variant.num_replicas
+        needed[f"model-{variant.name}"] = {"replicas": replicas, "CPU": variant.num_cpus, "GPU": variant.num_gpus}
+    return needed
+
+
+def held_by(details: dict[str, Any], app: str) -> dict[str, float]:
+    """The CPUs and GPUs that the replicas of the running application `app` hold (freed when it is replaced)."""
+    held = {"CPU": 0.0, "GPU": 0.0}
+    for deployment in details.get("applications", {}).get(app, {}).get("deployments", {}).values():
+        for resource in held:
+            held[resource] += len(deployment["replicas"]) * deployment["required_resources"].get(resource, 0)
+    return held
+
+
+def check_fits(dashboard_url: str, config: ServeConfig, app: str) -> None:
+    """DeployError, naming the numbers, if the cluster lacks the CPUs or GPUs for every replica of `app`: Serve
+    would wait for them forever. What is free: Ray's available resources, plus what `app` holds if it runs now."""
+    needed = required_resources(config)
+    total, available = ray.cluster_resources(), ray.available_resources()
+    freed = held_by(ServeSubmissionClient(dashboard_url).get_serve_details(), app)
+    for resource, flag in (("CPU", "--num-cpus"), ("GPU", "--num-gpus")):
+        asks = sum(d["replicas"] * d[resource] for d in needed.values())
+        free = available.get(resource, 0.0) + freed[resource]
+        if asks > free + 1e-9:
+            parts = ", ".join(f"{name} {d['replicas']} x {d[resource]:g}" for name, d in needed.items() if d[resource])
+            has = total.get(resource, 0.0)
+            held = f", {has - free:g} of them held by other applications and actors" if has > free else ""
+            raise DeployError(
+                f"application {app!r} needs {asks:g} {resource}s ({parts}), but the cluster has {has:g}{held}: "
+                f"lower {flag} (per model replica) or add {resource}s to the cluster (one that autoscales: "
+                "--no-resource-check)."
+            )
 
 
 def running_config(dashboard_url: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from strata.config import ServeConfig
 from strata.serve import protocol
 from strata.serve.audit import AuditLog
-from strata.serve.auth import Authenticator, RateLimiter, load_keys
+from strata.serve.auth import Authenticator, RateLimiter, key_hashes
 from strata.serve.metrics import LATENCY_BUCKETS
 from strata.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from strata.serve.routing import Split
@@ -96,10 +96,12 @@ class Router:
         self.config = ServeConfig.model_validate(config)
         self.variants = variants
         self.variant_configs = {v.name: v for v in self.config.variants}
-        self.authenticate = Authenticator(load_keys(self.config.auth.api_keys_file), self.config.auth.allow_anonymous)
-        self.rate_limit = RateLimiter(self.config.auth, self.config.auth.key_limits)
-        self.audit = AuditLog(self.config.audit.path, self.config.audit.log_prompts)
-        self.split = Split(self.config.initial_weights, list(variants))
+        auth, audit = self.config.auth, self.config.audit
+        self.authenticate = Authenticator(key_hashes(auth), auth.allow_anonymous)
+        # Each router replica enforces its share of the limits, so together they allow what the config says.
+        self.rate_limit = RateLimiter(auth, auth.key_limits, replicas=self.config.router_replicas)
+        self.audit = AuditLog(audit.path, audit.log_prompts, audit.max_bytes, audit.backup_count)
+        self.split = Split(self.config.initial_weights, list(variants), salt=self.config.split_salt)
 
         tags = {"model": self.config.model_name}
         self.requests = Counter("strata_router_requests", tag_keys=("model", "variant", "status"))
@@ -117,9 +119,15 @@ class Router:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """New split weights, applied live: requests in flight keep the variant they were given."""
-        self.split = Split(user_config.get("weights") or self.config.initial_weights, list(self.variants))
+        weights = user_config.get("weights") or self.config.initial_weights
+        self.split = Split(weights, list(self.variants), salt=self.config.split_salt)
         for name, share in self.split.shares().items():
             self.weight.set(share, tags={"variant": name})
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: the audit lines still queued are written out."""
+        if hasattr(self, "audit"):  # not when __init__ failed before opening it
+            self.audit.close()
 
     # -- endpoints ------------------------------------------------------------------------------------------------
 
