@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from strata.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from strata.config.tune import load_tune_config
 from strata.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,10 @@ def base_tree() -> dict:
 
 @pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(config_file):
+    if config_file.name.startswith("tune"):
+        sweep, _ = load_tune_config(config_file)  # the sweep and its base job config together
+        assert sweep.search_space
+        return
     schema = FinetuneConfig if config_file.name.startswith("finetune") else PretrainConfig
     cfg = load_config(config_file, schema)
     assert cfg.grad_accum_steps >= 1
