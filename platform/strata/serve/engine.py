@@ -2,8 +2,9 @@
 
 One scheduler thread owns the model. Each iteration it admits waiting requests (prefilled together, grouped into
 power-of-two prompt-length buckets so padding stays small), merges their caches into the running batch, runs one
-decode step for every running sequence, and retires the ones that finished or were cancelled. Rows of the batch are
-left-padded to a common length; an attention mask and explicit position ids keep each row's positions its own.
+decode step for every running sequence, and retires the ones that finished (EOS or the chat template's end of turn,
+max_tokens, a stop string) or were cancelled. Rows of the batch are left-padded to a common length; an attention
+mask and explicit position ids keep each row's positions its own.
 
 transformers' own continuous batching (`generate_batch`) is some 40x slower than a static batch on a CPU, which is
 why the scheduling lives here: it is plain tensor bookkeeping around `model(...)` and a `DynamicCache`.
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from strata.data.tokenizer import stop_token_ids
 
 # Router logits are for training losses; the engine's expert counts come from hooks (ExpertLoadRecorder).
 FORWARD_OPTIONS = {"use_cache": True, "output_router_logits": False}
@@ -98,7 +101,7 @@ class Engine:
         self.admission_group = min(admission_group, max_batch_size)
         self.admission_wait_s = admission_wait_s
         self.max_context = int(model.config.max_position_embeddings)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = set(stop_token_ids(tokenizer, model.generation_config))  # EOS and the end of a turn
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
         self.on_step = on_step
@@ -364,12 +367,6 @@ class Engine:
         if final or (len(after) > len(before) and not after.endswith("\ufffd")):
             sequence.text += after[len(before) :]
             sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(ids)
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = ids if isinstance(ids, list) else [ids]
-    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
 def _group_by_bucket(sequences: list[Sequence]) -> list[list[Sequence]]:
