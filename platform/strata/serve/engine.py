@@ -44,6 +44,7 @@ class Output:
     finish_reason: str | None  # None while running, then "stop" (EOS or a stop string), "length" or "error"
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 Sink = Callable[[Output], None]
@@ -110,6 +111,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
+        self._admitting: list[list[Sequence]] = []  # taken from the queue, not yet in the batch: groups to prefill
         self._cancelled: set[int] = set()
         self._stopped = False
         self.failure: str | None = None
@@ -121,6 +123,7 @@ class Engine:
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # sampled, not yet fed
         self.finished = 0
         self.cancelled = 0
+        self.failed = 0
         self.steps = 0
         self.tokens = 0  # generated, including those of cancelled requests
         self.busy_seconds = 0.0
@@ -162,6 +165,7 @@ class Engine:
             "waiting": waiting,
             "finished": self.finished,
             "cancelled": self.cancelled,
+            "failed": self.failed,
             "steps": self.steps,
             "tokens": self.tokens,
             "busy_seconds": self.busy_seconds,
@@ -189,10 +193,14 @@ class Engine:
     def _fail_all(self, err: Exception) -> None:
         with self._lock:
             self.failure = f"{type(err).__name__}: {err}"
-            stranded, self.rows, self._waiting = [*self.rows, *self._waiting], [], deque()
-            self.cache = None
-        for sequence in stranded:
-            sequence.sink(Output("", "error", len(sequence.prompt_ids), len(sequence.generated)))
+            stranded = [*self.rows, *itertools.chain(*self._admitting), *self._waiting]
+            self.rows, self._admitting, self._waiting, self.cache = [], [], deque(), None
+        self._fail(stranded, self.failure)
+
+    def _fail(self, sequences: list[Sequence], error: str) -> None:
+        self.failed += len(sequences)
+        for sequence in sequences:
+            sequence.sink(Output("", "error", len(sequence.prompt_ids), len(sequence.generated), error))
 
     # -- the scheduler --------------------------------------------------------------------------------------------
 
@@ -201,11 +209,12 @@ class Engine:
 
         Every row gains exactly one token per step, so `_emit` looks at one new token per row."""
         started = time.perf_counter()
-        admitted = self._take_admissions()
+        self._admitting = _group_by_bucket(self._take_admissions())  # a failure must reach them too
         if self.rows:
             self._decode()
-        for group in _group_by_bucket(admitted):
-            self._prefill(group)
+        while self._admitting:
+            self._prefill(self._admitting[0])
+            del self._admitting[0]
         new_tokens = len(self.rows)
         self._retire()
         self.steps += 1

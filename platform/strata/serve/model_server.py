@@ -7,6 +7,7 @@ text back; it knows nothing of HTTP, keys or splits.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import threading
 import time
@@ -31,8 +32,8 @@ def _nonzero(counts) -> list[tuple[tuple[int, int], int]]:
 class ModelServer:
     """One model version behind a continuous-batching engine. Its `generate` streams chunks of text.
 
-    The first chunk is either an error (the prompt does not fit) or the result of the prefill, so a caller knows
-    whether the request was accepted before it answers its client."""
+    The first chunk is either an error (the prompt does not fit, or its prefill failed) or the result of the
+    prefill, so a caller knows whether the request was accepted before it answers its client."""
 
     def __init__(self, model_name: str, variant: dict[str, Any], tracking_uri: str | None):
         import torch
@@ -50,6 +51,7 @@ class ModelServer:
         self._experts_reported = None
         self._unreported_tokens, self._next_report = 0, 0.0
         self.streams = 0  # requests being streamed now
+        self.finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by how
         settings = self.config.engine
         self.engine = Engine(
             model,
@@ -132,18 +134,21 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
         request_id = self.engine.submit(ids, params, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
-        finished, first_at = False, None
+        outcome, first_at = None, None  # outcome: the finish_reason the request is counted under, once it has one
         if paced:
             self.streams += 1
         try:
-            while not finished:
+            while outcome is None:
                 batch = [await outputs.get()]
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
                 last = batch[-1]
-                if last.finish_reason == "error":
-                    raise RuntimeError(f"generation failed: {self.engine.failure}")
-                finished = last.finish_reason is not None
+                outcome = last.finish_reason
+                if outcome == "error":
+                    if first_at is None:  # nothing sent yet: the client gets an OpenAI-style error
+                        yield {"error": f"generation failed: {last.error}", "status": 503, "code": "server_error"}
+                        return
+                    raise RuntimeError(f"generation failed: {last.error}")
                 if first_at is None:
                     first_at = time.perf_counter()
                     self.ttft.observe(first_at - started)
@@ -153,17 +158,17 @@ class ModelServer:
                     "prompt_tokens": last.prompt_tokens,
                     "completion_tokens": last.completion_tokens,
                 }
-                if paced and not finished:
+                if paced and outcome is None:
                     await asyncio.sleep(self._stream_interval())  # let tokens gather into one chunk
             if last.completion_tokens > 1:
                 self.tpot.observe((time.perf_counter() - first_at) / (last.completion_tokens - 1))
-            self.requests.inc(tags={"finish_reason": last.finish_reason})
         finally:
             if paced:
                 self.streams -= 1
-            if not finished:  # the caller went away: free the batch slot
+            if outcome is None:  # the caller went away: free the batch slot
                 self.engine.cancel(request_id)
-                self.requests.inc(tags={"finish_reason": "cancelled"})
+            self.finish_reasons[outcome or "cancelled"] += 1
+            self.requests.inc(tags={"finish_reason": outcome or "cancelled"})
 
     def check_health(self) -> None:
         """Serve's periodic health check: a failed engine makes Serve replace this replica."""
@@ -176,7 +181,13 @@ class ModelServer:
 
     def stats(self) -> dict[str, Any]:
         replica = serve.get_replica_context().replica_id.unique_id
-        return {**self.engine.stats(), "info": self.info, "replica": replica, "pid": os.getpid()}
+        return {
+            **self.engine.stats(),
+            "finish_reasons": dict(self.finish_reasons),
+            "info": self.info,
+            "replica": replica,
+            "pid": os.getpid(),
+        }
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         """The whole completion as one reply: an error, or the last chunk with all the text, the time to its first
