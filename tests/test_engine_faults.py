@@ -1,4 +1,5 @@
-"""Real faults in the engine and its model server, without Ray."""
+"""Real faults in the engine and its model server, without Ray: a failing metric, callback or expert-load hook, a
+failed engine. Each may cost its own request or its own data, never the other requests."""
 
 from __future__ import annotations
 
@@ -6,7 +7,71 @@ import asyncio
 
 import pytest
 import torch
-from test_engine import PROMPTS
+from ray.serve.metrics import Counter, Gauge, Histogram
+from test_engine import PROMPTS, reference, run_engine
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from strata.models.moe_stats import ExpertLoadRecorder
+from strata.serve.engine import Engine, SamplingParams, bucket
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny_base):
+    """A fresh copy for each test: the faults below are injected into the model or around it."""
+    return AutoModelForCausalLM.from_pretrained(tiny_base).eval(), AutoTokenizer.from_pretrained(tiny_base)
+
+
+def test_an_on_step_callback_that_raises_fails_no_request(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    calls = []
+
+    def broken_metrics(stats) -> None:
+        calls.append(stats)
+        raise ZeroDivisionError("a metric exporter bug")
+
+    engine = Engine(model, tokenizer, on_step=broken_metrics)
+    collectors = run_engine(engine, [(p, GREEDY) for p in PROMPTS[:3]])
+    for prompt, collector in zip(PROMPTS, collectors, strict=False):
+        assert collector.text == reference(model, tokenizer, prompt, GREEDY.max_tokens)
+    assert engine.failure is None
+    assert engine.stats()["observability_errors"] == len(calls) == engine.stats()["steps"]
+
+
+def test_a_failing_expert_load_hook_fails_no_request(model_and_tokenizer):
+    """The recorder is built for a model that routes each token to more experts than this one has: its hooks fail
+    inside every forward pass, which goes on undisturbed."""
+    model, tokenizer = model_and_tokenizer
+    errors = []
+    top_k = model.config.num_experts_per_tok
+    model.config.num_experts_per_tok = model.config.num_experts + 1
+    recorder = ExpertLoadRecorder(model, on_error=errors.append)
+    model.config.num_experts_per_tok = top_k
+    collectors = run_engine(Engine(model, tokenizer), [(p, GREEDY) for p in PROMPTS[:3]])
+    recorder.remove()
+    for prompt, collector in zip(PROMPTS, collectors, strict=False):
+        assert collector.text == reference(model, tokenizer, prompt, GREEDY.max_tokens)
+    assert errors and all(isinstance(e, RuntimeError) for e in errors)
+
+
+def test_expert_load_counts_the_real_tokens_of_padded_prompts(model_and_tokenizer):
+    """Prompts of different lengths in one prefill are left-padded; only their tokens count, top_k times a layer."""
+    model, tokenizer = model_and_tokenizer
+    recorder = ExpertLoadRecorder(model)
+    prompts = ["class Parser:\n", "import os\nimport sys\n", "import os\nimport sys\nimport json\n", PROMPTS[2]]
+    lengths = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+    assert [bucket(n) for n in lengths] == [8, 8, 16, 16] and len(set(lengths)) == 4  # two padded prefills
+    engine = Engine(model, tokenizer, admission_group=len(prompts))
+    collectors = run_engine(engine, [(p, GREEDY) for p in prompts])
+    load = recorder.take()
+    recorder.remove()
+    # Each request feeds its prompt, then every sampled token but the last (the one it stopped at is never fed).
+    sampled = [c.outputs[-1].completion_tokens + (c.outputs[-1].finish_reason == "stop") for c in collectors]
+    fed = sum(lengths) + sum(n - 1 for n in sampled)
+    top_k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    assert load.tokens_per_expert.sum(1).tolist() == [fed * top_k] * layers
+
 
 # -- the model server's accounting (its class, without Serve: real engine, real Ray metric objects) ----------------
 
@@ -49,3 +114,20 @@ def test_an_engine_failure_is_counted_as_an_error_not_a_cancellation(model_serve
     assert failed["status"] == 503 and "generation failed" in failed["error"]
     assert model_server.engine.failure
     assert model_server.finish_reasons == {finished: 1, "error": 1}
+
+
+def test_metrics_that_raise_fail_no_request(model_server, tiny_base):
+    """Real Ray metrics, misconfigured (tag keys without values): each call raises; requests go on as before."""
+    tags = ("model",)
+    model_server.ttft = Histogram("strata_test_broken_ttft", boundaries=[1.0], tag_keys=tags)
+    model_server.batch_size = Gauge("strata_test_broken_batch_size", tag_keys=tags)
+    model_server.requests = Counter("strata_test_broken_requests", tag_keys=tags)
+    with pytest.raises(ValueError):
+        model_server.requests.inc()
+    chunks = generate(model_server, PROMPTS[1], 6)
+    assert "".join(c["text"] for c in chunks) == reference(
+        model_server.engine.model, model_server.tokenizer, PROMPTS[1], 6
+    )
+    assert chunks[-1]["finish_reason"] == "length"
+    assert model_server.engine.stats()["observability_errors"] >= 3  # ttft, the request count, the batch size
+    assert model_server.engine.failure is None

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from strata.data.tokenizer import stop_token_ids
+from strata.serve.metrics import ObservabilityErrors
 
 # Router logits are for training losses; the engine's expert counts come from hooks (ExpertLoadRecorder).
 FORWARD_OPTIONS = {"use_cache": True, "output_router_logits": False}
@@ -93,6 +94,7 @@ class Engine:
         seed: int = 0,
         admission_group: int = 1,
         admission_wait_s: float = 0.0,
+        observer_errors: ObservabilityErrors | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -106,6 +108,7 @@ class Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
         self.on_step = on_step
+        self.observer_errors = observer_errors or ObservabilityErrors()  # on_step may fail; a request never does
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
         self._ids = itertools.count()
@@ -169,6 +172,7 @@ class Engine:
             "steps": self.steps,
             "tokens": self.tokens,
             "busy_seconds": self.busy_seconds,
+            "observability_errors": self.observer_errors.count,
         }
 
     def run(self) -> None:
@@ -223,7 +227,8 @@ class Engine:
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
-            self.on_step(StepStats(new_tokens, queue_length, len(self.rows)))
+            stats = StepStats(new_tokens, queue_length, len(self.rows))
+            self.observer_errors.guard(self.on_step, stats)
 
     def _take_admissions(self) -> list[Sequence]:
         with self._lock:
