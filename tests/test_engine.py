@@ -293,3 +293,49 @@ def test_pretraining_checkpoints_stop_at_the_end_of_a_turn(tiny_base, tmp_path):
     save_checkpoint(tmp_path, model, tokenizer, optimizer, scheduler, 1, DataCursor(), PretrainConfig(run_name="eot"))
     saved = GenerationConfig.from_pretrained(tmp_path / MODEL_DIR)
     assert saved.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+
+
+# -- the KV cache budget --------------------------------------------------------------------------------------------
+
+
+def test_peak_cache_counts_every_row_at_the_width_of_the_longest():
+    from strata.serve.kv_cache import peak_cache_tokens
+
+    assert peak_cache_tokens([(10, 5)]) == 15
+    # Both rows run 5 more steps: 2 rows x (12 + 5) columns, the short row left-padded.
+    assert peak_cache_tokens([(10, 5), (12, 5)]) == 34
+    # The long-lived short row outlasts the long one: 2 x 15 while both run, then 1 x (3 + 20) alone.
+    assert peak_cache_tokens([(10, 5), (3, 20)]) == 30
+    assert peak_cache_tokens([(10, 5), (3, 40)]) == 43
+
+
+def test_requests_wait_for_room_in_the_kv_cache_budget(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:4]]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    need = [len(p) + params.max_tokens for p in prompts]
+    budget = sorted(need)[-1] + sorted(need)[-2]  # room for about two at a time, never for all four
+    engine = Engine(model, tokenizer, kv_cache_tokens=budget)
+    collectors = [Collector() for _ in prompts]
+    for ids, collector in zip(prompts, collectors, strict=True):
+        engine.submit(ids, params, collector)
+    waited = False
+    with torch.inference_mode():
+        while not all(c.done.is_set() for c in collectors):
+            engine.step()
+            stats = engine.stats()
+            assert stats["cache_tokens"] <= budget
+            waited = waited or (stats["running"] > 0 and stats["waiting"] > 0)
+    assert waited
+    for prompt, collector in zip(PROMPTS, collectors, strict=False):
+        assert collector.text == reference(model, tokenizer, prompt, params.max_tokens), prompt
+
+
+def test_a_request_larger_than_the_whole_kv_cache_budget_is_refused_alone(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, kv_cache_tokens=40)
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    with pytest.raises(ValueError, match="KV cache budget of 40 tokens"):
+        engine.submit(ids, SamplingParams(max_tokens=40 - len(ids) + 1), Collector())
+    [collector] = run_engine(engine, [(PROMPTS[0], SamplingParams(max_tokens=40 - len(ids), temperature=0.0))])
+    assert collector.text == reference(model, tokenizer, PROMPTS[0], 40 - len(ids))

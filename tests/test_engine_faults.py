@@ -1,5 +1,5 @@
-"""Real faults in the engine and its model server, without Ray: a failing metric, callback or expert-load hook, a
-failed engine. Each may cost its own request or its own data, never the other requests."""
+"""Real faults in the engine and its model server, without Ray: a failing metric, callback or expert-load hook, an
+out-of-memory prefill, a failed engine. Each may cost its own request or its own data, never the other requests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 from ray.serve.metrics import Counter, Gauge, Histogram
-from test_engine import PROMPTS, reference, run_engine
+from test_engine import PROMPTS, Collector, reference, run_engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.models.moe_stats import ExpertLoadRecorder
@@ -73,6 +73,44 @@ def test_expert_load_counts_the_real_tokens_of_padded_prompts(model_and_tokenize
     assert load.tokens_per_expert.sum(1).tolist() == [fed * top_k] * layers
 
 
+def test_out_of_memory_while_prefilling_fails_only_the_newcomers(model_and_tokenizer):
+    """A real allocation failure (a tensor larger than any machine's memory) during one group's prefill: that group
+    fails with a clear error; the request already running goes on and ends as it would have; the engine serves on."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    encode = lambda prompt: tokenizer.encode(prompt, add_special_tokens=False)  # noqa: E731
+    running, newcomers, later = Collector(), [Collector(), Collector()], Collector()
+    long = SamplingParams(max_tokens=20, temperature=0.0)
+    engine.submit(encode(PROMPTS[0]), long, running)
+    exhausted = False
+
+    def out_of_memory_when_prefilling(module, args, kwargs) -> None:
+        if exhausted and kwargs["input_ids"].shape[1] > 1:
+            torch.empty(1 << 62, dtype=torch.uint8)
+
+    hook = model.register_forward_pre_hook(out_of_memory_when_prefilling, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            engine.step()
+            engine.step()
+            exhausted = True
+            for collector in newcomers:
+                engine.submit(encode(PROMPTS[1]), GREEDY, collector)
+            engine.step()
+            exhausted = False
+            assert all(c.outputs[-1].finish_reason == "error" for c in newcomers)
+            assert "ran out of memory" in newcomers[0].outputs[-1].error
+            assert not running.done.is_set() and engine.failure is None
+            engine.submit(encode(PROMPTS[2]), GREEDY, later)
+            while not (running.done.is_set() and later.done.is_set()):
+                engine.step()
+    finally:
+        hook.remove()
+    assert running.text == reference(model, tokenizer, PROMPTS[0], long.max_tokens)
+    assert later.text == reference(model, tokenizer, PROMPTS[2], GREEDY.max_tokens)
+    assert (engine.stats()["failed"], engine.stats()["finished"]) == (2, 2)
+
+
 # -- the model server's accounting (its class, without Serve: real engine, real Ray metric objects) ----------------
 
 
@@ -131,3 +169,18 @@ def test_metrics_that_raise_fail_no_request(model_server, tiny_base):
     assert chunks[-1]["finish_reason"] == "length"
     assert model_server.engine.stats()["observability_errors"] >= 3  # ttft, the request count, the batch size
     assert model_server.engine.failure is None
+
+
+def test_a_request_larger_than_the_kv_cache_budget_gets_a_400(tiny_base):
+    from strata.serve.model_server import ModelServer
+
+    engine = {"torch_threads": torch.get_num_threads(), "kv_cache_tokens": 32}
+    variant = {"name": "stable", "model": str(tiny_base), "engine": engine}
+    server = ModelServer.func_or_class("strata-tiny", variant, None)
+    try:
+        [refused] = generate(server, PROMPTS[0], 32)
+        assert refused["status"] == 400 and refused["code"] == "context_length_exceeded"
+        assert "KV cache budget of 32 tokens" in refused["error"]
+        assert generate(server, PROMPTS[0], 8)[-1]["finish_reason"] == "length"
+    finally:
+        server.engine.stop()

@@ -1,10 +1,10 @@
 """Iteration-level (continuous) batching over a transformers causal LM and its KV cache.
 
-One scheduler thread owns the model. Each iteration it admits waiting requests (prefilled together, grouped into
-power-of-two prompt-length buckets so padding stays small), merges their caches into the running batch, runs one
-decode step for every running sequence, and retires the ones that finished (EOS or the chat template's end of turn,
-max_tokens, a stop string) or were cancelled. Rows of the batch are left-padded to a common length; an attention
-mask and explicit position ids keep each row's positions its own.
+One scheduler thread owns the model. Each iteration it admits waiting requests (as many as the free slots and the
+KV cache budget allow; prefilled together, grouped into power-of-two prompt-length buckets so padding stays small),
+merges their caches into the running batch, runs one decode step for every running sequence, and retires the ones
+that finished (EOS or the chat template's end of turn, max_tokens, a stop string) or were cancelled. Rows of the batch
+are left-padded to a common length; an attention mask and explicit position ids keep each row's positions its own.
 
 transformers' own continuous batching (`generate_batch`) is some 40x slower than a static batch on a CPU, which is
 why the scheduling lives here: it is plain tensor bookkeeping around `model(...)` and a `DynamicCache`.
@@ -13,6 +13,7 @@ why the scheduling lives here: it is plain tensor bookkeeping around `model(...)
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -23,7 +24,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from strata.data.tokenizer import stop_token_ids
+from strata.serve.kv_cache import is_out_of_memory, peak_cache_tokens, stack_right_aligned
 from strata.serve.metrics import ObservabilityErrors
+
+logger = logging.getLogger(__name__)
 
 # Router logits are for training losses; the engine's expert counts come from hooks (ExpertLoadRecorder).
 FORWARD_OPTIONS = {"use_cache": True, "output_router_logits": False}
@@ -75,6 +79,7 @@ class StepStats:
     batch_size: int  # rows that gained a token this step (finished ones included)
     queue_length: int
     running: int  # rows still in the batch after the step
+    cache_tokens: int  # what the batch's KV cache holds after the step: rows x longest row, padding included
 
 
 def bucket(length: int) -> int:
@@ -94,6 +99,7 @@ class Engine:
         seed: int = 0,
         admission_group: int = 1,
         admission_wait_s: float = 0.0,
+        kv_cache_tokens: int | None = None,
         observer_errors: ObservabilityErrors | None = None,
     ):
         self.model = model.eval()
@@ -103,6 +109,8 @@ class Engine:
         # `admission_wait_s`: each join costs a prefill forward, as dear as a decode step when launches dominate.
         self.admission_group = min(admission_group, max_batch_size)
         self.admission_wait_s = admission_wait_s
+        # Requests are admitted while the batch's cache, at its peak, stays within this many tokens (None: no limit).
+        self.kv_cache_tokens = kv_cache_tokens
         self.max_context = int(model.config.max_position_embeddings)
         self.eos_token_ids = set(stop_token_ids(tokenizer, model.generation_config))  # EOS and the end of a turn
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -141,6 +149,11 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length {self.max_context}"
             )
+        if self.kv_cache_tokens is not None and len(prompt_ids) + params.max_tokens > self.kv_cache_tokens:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this model server's "
+                f"KV cache budget of {self.kv_cache_tokens} tokens"
+            )
         sequence = Sequence(next(self._ids), list(prompt_ids), params, sink)
         with self._lock:
             if self.failure:
@@ -169,6 +182,7 @@ class Engine:
             "finished": self.finished,
             "cancelled": self.cancelled,
             "failed": self.failed,
+            "cache_tokens": self.mask.numel(),
             "steps": self.steps,
             "tokens": self.tokens,
             "busy_seconds": self.busy_seconds,
@@ -178,9 +192,9 @@ class Engine:
     def run(self) -> None:
         """The scheduler loop: sleeps while idle, otherwise one `step` after another until `stop`.
 
-        If a step fails (a broken model, out of memory), every request in the engine ends with finish reason
-        "error", later submissions are refused, and `failure` says why: the replica's health check reports it,
-        and Serve replaces the replica."""
+        If a step fails (a broken model, out of memory while decoding), every request in the engine ends with finish
+        reason "error", later submissions are refused, and `failure` says why: the replica's health check reports
+        it, and Serve replaces the replica. Running out of memory while prefilling newcomers fails only them."""
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -217,7 +231,7 @@ class Engine:
         if self.rows:
             self._decode()
         while self._admitting:
-            self._prefill(self._admitting[0])
+            self._admit(self._admitting[0])
             del self._admitting[0]
         new_tokens = len(self.rows)
         self._retire()
@@ -227,7 +241,7 @@ class Engine:
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
-            stats = StepStats(new_tokens, queue_length, len(self.rows))
+            stats = StepStats(new_tokens, queue_length, len(self.rows), self.mask.numel())
             self.observer_errors.guard(self.on_step, stats)
 
     def _take_admissions(self) -> list[Sequence]:
@@ -239,7 +253,7 @@ class Engine:
                 kept = [s for s in self._waiting if not s.cancelled]
                 self.cancelled += len(self._waiting) - len(kept)
                 self._waiting = deque(kept)
-            joining = min(self.max_batch_size - len(self.rows), len(self._waiting))
+            joining = self._fitting()
             if joining <= 0 or (
                 self.rows
                 and joining < self.admission_group
@@ -247,6 +261,28 @@ class Engine:
             ):
                 return []
             return [self._waiting.popleft() for _ in range(joining)]
+
+    def _fitting(self) -> int:
+        """How many waiting requests, in arrival order, fit in the free slots and in the KV cache budget."""
+        slots = min(self.max_batch_size - len(self.rows), len(self._waiting))
+        if self.kv_cache_tokens is None or slots <= 0:
+            return slots
+        rows = [(s.length, s.params.max_tokens - len(s.generated)) for s in self.rows]
+        for fitting, sequence in enumerate(itertools.islice(self._waiting, slots)):
+            rows.append((len(sequence.prompt_ids), sequence.params.max_tokens))
+            if peak_cache_tokens(rows) > self.kv_cache_tokens:
+                return fitting  # the rest wait for running requests to finish
+        return slots
+
+    def _admit(self, group: list[Sequence]) -> None:
+        """Prefill newcomers into the batch. Running out of memory fails them alone: the running batch is untouched."""
+        try:
+            self._prefill(group)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            logger.warning("out of memory prefilling %d requests: they fail, the rest go on", len(group), exc_info=err)
+            self._fail(group, f"the model server ran out of memory for this request ({type(err).__name__})")
 
     def _prefill(self, group: list[Sequence]) -> None:
         width = max(len(s.prompt_ids) for s in group)
@@ -265,22 +301,20 @@ class Engine:
         self._merge(group, cache, mask, tokens)
 
     def _merge(self, group: list[Sequence], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append prefilled rows to the running batch, left-padding whichever side is shorter."""
+        """Append prefilled rows to the running batch, left-padding whichever side is shorter.
+
+        Each tensor is copied once, into place in one of the merged size. The running batch changes only once all
+        are built, so running out of memory here fails the newcomers alone."""
         if self.cache is None or not self.rows:
             self.rows, self.cache, self.mask, self.next_tokens = list(group), cache, mask, tokens
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        merged = []
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            merged.append(
-                (
-                    torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                    torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-                )
-            )
-        self.cache = DynamicCache(merged, config=self.model.config)
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self.next_tokens = torch.cat([self.next_tokens, tokens])
+        merged = [
+            (stack_right_aligned(old.keys, new.keys, width), stack_right_aligned(old.values, new.values, width))
+            for old, new in zip(self.cache.layers, cache.layers, strict=True)
+        ]
+        mask, tokens = stack_right_aligned(self.mask, mask, width, dim=1), torch.cat([self.next_tokens, tokens])
+        self.cache, self.mask, self.next_tokens = DynamicCache(merged, config=self.model.config), mask, tokens
         self.rows.extend(group)
 
     def _decode(self) -> None:
@@ -388,12 +422,3 @@ def _group_by_bucket(sequences: list[Sequence]) -> list[list[Sequence]]:
     for sequence in sequences:
         groups.setdefault(bucket(len(sequence.prompt_ids)), []).append(sequence)
     return list(groups.values())
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -19,6 +19,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from strata.config import VariantConfig
 from strata.serve.engine import Engine, Output, SamplingParams, StepStats
+from strata.serve.kv_cache import cache_tokens_in
 from strata.serve.metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, ObservabilityErrors
 
 METRICS_INTERVAL_S = 1.0  # how often a replica exports its engine's batch, queue, token and expert metrics
@@ -61,6 +62,7 @@ class ModelServer:
             on_step=self._record_step,
             admission_group=settings.admission_group,
             admission_wait_s=settings.admission_wait_s,
+            kv_cache_tokens=settings.kv_cache_tokens or cache_tokens_in(model, settings.kv_cache_gb),
             observer_errors=self.observer_errors,
         )
 
@@ -73,11 +75,12 @@ class ModelServer:
         )
         self.batch_size = Gauge("strata_serve_batch_size", tag_keys=tuple(tags))
         self.queue_length = Gauge("strata_serve_queue_length", tag_keys=tuple(tags))
+        self.cache_tokens = Gauge("strata_serve_kv_cache_tokens", tag_keys=tuple(tags))
         self.tokens = Counter("strata_serve_generated_tokens", tag_keys=tuple(tags))
         self.expert_tokens = Counter("strata_serve_expert_tokens", tag_keys=(*tags, "layer", "expert"))
         self.requests = Counter("strata_serve_requests", tag_keys=(*tags, "finish_reason"))
         self.errors = Counter("strata_serve_observability_errors", tag_keys=tuple(tags))
-        metrics = (self.ttft, self.tpot, self.batch_size, self.queue_length, self.tokens)
+        metrics = (self.ttft, self.tpot, self.batch_size, self.queue_length, self.cache_tokens, self.tokens)
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
         threading.Thread(target=self.engine.run, name="strata-engine", daemon=True).start()
@@ -95,6 +98,7 @@ class ModelServer:
         guard = self.observer_errors.guard
         guard(self.batch_size.set, 0 if drained else stats.batch_size)
         guard(self.queue_length.set, stats.queue_length)
+        guard(self.cache_tokens.set, stats.cache_tokens)
         if self._unreported_tokens:
             tokens, self._unreported_tokens = self._unreported_tokens, 0
             guard(self.tokens.inc, tokens)
@@ -142,7 +146,11 @@ class ModelServer:
 
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
-        request_id = self.engine.submit(ids, params, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
+        try:
+            request_id = self.engine.submit(ids, params, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
+        except ValueError as err:  # more than this replica's KV cache can ever hold
+            yield {"error": str(err), "status": 400, "code": "context_length_exceeded"}
+            return
         guard = self.observer_errors.guard
         outcome, first_at = None, None  # outcome: the finish_reason the request is counted under, once it has one
         if paced:
