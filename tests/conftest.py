@@ -52,7 +52,7 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(small_data, tmp_path_factory) -> Path:
     """A freshly initialised `tiny` MoE with the small tokenizer, saved as a transformers directory."""
-    from strata.data.tokenizer import load_tokenizer
+    from strata.data.tokenizer import load_tokenizer, stop_token_ids
     from strata.models.presets import build_model
 
     tokenizer = load_tokenizer(small_data[1].tokenizer_dir)
@@ -62,6 +62,8 @@ def tiny_base(small_data, tmp_path_factory) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     directory = tmp_path_factory.mktemp("tiny-base")
-    build_model("tiny", len(tokenizer), special, seed=0).save_pretrained(directory)
+    model = build_model("tiny", len(tokenizer), special, seed=0)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)  # EOS and end of turn, as Strata's exports stop
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

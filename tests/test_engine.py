@@ -198,3 +198,144 @@ def test_a_failing_model_ends_every_request_with_an_error(model_and_tokenizer):
     assert "RuntimeError" in engine.failure
     with pytest.raises(RuntimeError, match="stopped after a failure"):
         engine.submit(ids, SamplingParams(max_tokens=1), Collector())
+
+
+# -- the end of a chat turn ends generation ---------------------------------------------------------------------------
+
+
+def greedy_ids(model, prompt_ids: list[int], count: int) -> list[int]:
+    """`count` greedy tokens, with no stop token at all (a plain loop over the model's forward)."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(count):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+def model_that_ends_its_turn_at(tiny_base, prompt_ids: list[int], step: int):
+    """The tiny model, changed so that its greedy continuation says <|im_end|> at `step` and then goes on (as a
+    fine-tuned model does when nothing stops it), with a generation config that stops at EOS only (a model from
+    elsewhere): the chat template is all that says where a turn ends.
+
+    im_end's row of the lm_head becomes the part of the hidden state at `step` that no earlier step shares, scaled
+    so its logit tops that step's best by 1: im_end scores 0 at every earlier step and wins at `step`."""
+    from strata.data.tokenizer import end_of_turn_id
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    im_end = end_of_turn_id(tokenizer)
+    before = greedy_ids(model, prompt_ids, step)
+    with torch.no_grad():
+        out = model(torch.tensor([prompt_ids + before]), output_hidden_states=True)
+        hidden = out.hidden_states[-1][0, len(prompt_ids) - 1 :]  # (step + 1, hidden): the states choosing each token
+        earlier, now = hidden[:-1], hidden[-1]
+        basis = torch.linalg.qr(earlier.T).Q
+        own = now - basis @ (basis.T @ now)
+        model.lm_head.weight[im_end] = own * (out.logits[0, -1].max() + 1) / own.dot(now)
+    continuation = greedy_ids(model, prompt_ids, step + 8)
+    assert continuation.index(im_end) == step and tokenizer.eos_token_id not in continuation  # what would happen
+    return model, tokenizer, continuation
+
+
+def test_generation_stops_at_the_end_of_the_assistant_turn(tiny_base):
+    from strata.registry import generate_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    messages = [{"role": "user", "content": "def main("}]
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    step = 3
+    model, tokenizer, continuation = model_that_ends_its_turn_at(
+        tiny_base, tokenizer.encode(chat, add_special_tokens=False), step
+    )
+    turn = tokenizer.decode(continuation[:step], skip_special_tokens=True)
+    assert turn != tokenizer.decode(continuation, skip_special_tokens=True)  # the invented next turn has text
+
+    [collector] = run_engine(Engine(model, tokenizer), [(chat, SamplingParams(max_tokens=step + 8, temperature=0))])
+    assert (collector.text, collector.outputs[-1].finish_reason) == (turn, "stop")
+    assert collector.outputs[-1].completion_tokens == step
+    assert generate_text(model, tokenizer, chat, max_new_tokens=step + 8) == turn
+
+
+def test_a_chat_template_with_another_end_of_turn_token_stops_there(tiny_base):
+    """A model from elsewhere (here: Llama 3's template) ends turns with its own special token."""
+    from strata.data.tokenizer import end_of_turn_id, stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}"
+    )
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert end_of_turn_id(tokenizer) == eot
+    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id, eot]
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert eot in Engine(model, tokenizer).eos_token_ids
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_id(tokenizer) is None  # turns that end in plain text: EOS alone
+
+
+def test_pretraining_checkpoints_stop_at_the_end_of_a_turn(tiny_base, tmp_path):
+    """What pretraining exports (and so registers) stops at EOS and <|im_end|> in any transformers `generate`."""
+    from transformers import GenerationConfig
+
+    from strata.config import PretrainConfig
+    from strata.data.packing import DataCursor
+    from strata.data.tokenizer import IM_END
+    from strata.train.pretrain_loop import MODEL_DIR, save_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id  # as a freshly built preset has it
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path, model, tokenizer, optimizer, scheduler, 1, DataCursor(), PretrainConfig(run_name="eot"))
+    saved = GenerationConfig.from_pretrained(tmp_path / MODEL_DIR)
+    assert saved.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+
+
+# -- the KV cache budget --------------------------------------------------------------------------------------------
+
+
+def test_peak_cache_counts_every_row_at_the_width_of_the_longest():
+    from strata.serve.kv_cache import peak_cache_tokens
+
+    assert peak_cache_tokens([(10, 5)]) == 15
+    # Both rows run 5 more steps: 2 rows x (12 + 5) columns, the short row left-padded.
+    assert peak_cache_tokens([(10, 5), (12, 5)]) == 34
+    # The long-lived short row outlasts the long one: 2 x 15 while both run, then 1 x (3 + 20) alone.
+    assert peak_cache_tokens([(10, 5), (3, 20)]) == 30
+    assert peak_cache_tokens([(10, 5), (3, 40)]) == 43
+
+
+def test_requests_wait_for_room_in_the_kv_cache_budget(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:4]]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    need = [len(p) + params.max_tokens for p in prompts]
+    budget = sorted(need)[-1] + sorted(need)[-2]  # room for about two at a time, never for all four
+    engine = Engine(model, tokenizer, kv_cache_tokens=budget)
+    collectors = [Collector() for _ in prompts]
+    for ids, collector in zip(prompts, collectors, strict=True):
+        engine.submit(ids, params, collector)
+    waited = False
+    with torch.inference_mode():
+        while not all(c.done.is_set() for c in collectors):
+            engine.step()
+            stats = engine.stats()
+            assert stats["cache_tokens"] <= budget
+            waited = waited or (stats["running"] > 0 and stats["waiting"] > 0)
+    assert waited
+    for prompt, collector in zip(PROMPTS, collectors, strict=False):
+        assert collector.text == reference(model, tokenizer, prompt, params.max_tokens), prompt
+
+
+def test_a_request_larger_than_the_whole_kv_cache_budget_is_refused_alone(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, kv_cache_tokens=40)
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    with pytest.raises(ValueError, match="KV cache budget of 40 tokens"):
+        engine.submit(ids, SamplingParams(max_tokens=40 - len(ids) + 1), Collector())
+    [collector] = run_engine(engine, [(PROMPTS[0], SamplingParams(max_tokens=40 - len(ids), temperature=0.0))])
+    assert collector.text == reference(model, tokenizer, PROMPTS[0], 40 - len(ids))

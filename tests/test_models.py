@@ -78,8 +78,29 @@ def test_recorder_sees_what_the_forward_pass_routes():
     with torch.no_grad():
         out = model(input_ids=ids, output_router_logits=True)
     expected = expert_load(out.router_logits, model.config.num_experts_per_tok)
-    assert torch.equal(recorder.total.tokens_per_expert, expected.tokens_per_expert)
-    assert recorder.total.tokens_per_expert.sum() == 3 * 10 * 2 * model.config.num_hidden_layers
+    load = recorder.take()
+    assert torch.equal(load.tokens_per_expert, expected.tokens_per_expert)
+    assert load.tokens_per_expert.sum() == 3 * 10 * 2 * model.config.num_hidden_layers
+    assert torch.allclose(load.router_entropy, expected.router_entropy)
+    assert recorder.take().tokens_per_expert.sum() == 0  # `take` starts counting afresh
+    recorder.remove()
+
+
+def test_recorder_counts_only_the_real_tokens_of_a_left_padded_batch():
+    """Padding positions go through the routers too; they must not count as routed tokens."""
+    model = build_model("tiny", 512, SPECIAL).eval()
+    recorder = ExpertLoadRecorder(model)
+    lengths = [3, 10, 7]
+    ids = torch.randint(3, 512, (len(lengths), max(lengths)))
+    mask = torch.tensor([[0] * (max(lengths) - n) + [1] * n for n in lengths])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    real = mask.flatten().bool()
+    expected = expert_load([logits[real] for logits in out.router_logits], model.config.num_experts_per_tok)
+    load = recorder.take()
+    assert load.tokens_per_expert.sum(1).tolist() == [sum(lengths) * 2] * model.config.num_hidden_layers
+    assert torch.equal(load.tokens_per_expert, expected.tokens_per_expert)
+    assert torch.allclose(load.router_entropy, expected.router_entropy)
     recorder.remove()
 
 

@@ -41,12 +41,18 @@ class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0) -> str:
+    """The continuation of `prompt`, ending at EOS or the chat template's end of turn, as the serving engine's does."""
     import torch
+
+    from strata.data.tokenizer import stop_token_ids
 
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    stop = stop_token_ids(tokenizer, model.generation_config)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **sampling
+        )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

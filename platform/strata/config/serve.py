@@ -36,6 +36,14 @@ class EngineSettings(StrictModel):
         4, gt=0, description="New requests join a running batch this many at a time (one prefill for the group)..."
     )
     admission_wait_s: float = Field(0.05, ge=0, description="...or once the first of them has waited this long.")
+    kv_cache_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache budget in tokens, padding included (rows x longest row): requests wait in the queue "
+        "while admitting them could outgrow it; one whose own prompt + max_tokens exceeds it is refused (400). "
+        "Default: as many tokens as fit in kv_cache_gb.",
+    )
+    kv_cache_gb: float = Field(2.0, gt=0, description="Memory (GiB) the default kv_cache_tokens is sized for.")
     torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
 

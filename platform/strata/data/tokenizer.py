@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from jinja2 import TemplateError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from strata.data.corpus import CorpusManifest, iter_texts
 
@@ -72,3 +74,29 @@ def train_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_size: int
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>` in ChatML, `<|eot_id|>` in
+    Llama 3), found by rendering a turn; None without a chat template or when turns end in plain text."""
+    if not tokenizer.chat_template:
+        return None
+    probe = "Strata end-of-turn probe"
+    try:
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+        rendered = tokenizer.apply_chat_template(turn, tokenize=False)
+    except TemplateError:  # a template that insists on other roles: no end-of-turn token to learn
+        return None
+    after = rendered.partition(probe)[2].lstrip()
+    special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content}
+    starts = [token for token in special if after.startswith(token)]
+    return special[max(starts, key=len)] if starts else None
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
+    """Every token that ends generation: EOS, the chat template's end of turn (SFT teaches responses to end with it),
+    and whatever the model's generation config already stops at."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [*configured, tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))

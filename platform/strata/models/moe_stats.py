@@ -1,15 +1,19 @@
 """Per-layer expert load statistics from router logits: tokens per expert and router entropy.
 
 Training reads them from `output.router_logits` (one (tokens, experts) tensor per MoE layer); serving
-collects the same tensors with forward hooks on the routers (`ExpertLoadRecorder`).
+counts the same, real tokens only, with forward hooks on the routers (`ExpertLoadRecorder`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,22 +55,57 @@ def expert_load(router_logits: Sequence[torch.Tensor], top_k: int) -> ExpertLoad
 
 
 class ExpertLoadRecorder:
-    """Accumulates expert load over many forward passes (for serving) through hooks on the MoE routers."""
+    """Accumulates expert load over many forward passes (for serving) through hooks on the MoE routers.
 
-    def __init__(self, model: torch.nn.Module):
+    Only real tokens count: a pre-hook reads each forward's attention mask, whose last columns say which input
+    positions are left-padding. Counts accumulate on the model's device and reach the host only in `take` (at the
+    metrics interval), so no forward waits on a device-to-host copy. A hook never raises into the forward it
+    watches: its exceptions go to `on_error`."""
+
+    def __init__(self, model: torch.nn.Module, on_error: Callable[[Exception], None] | None = None):
         self.top_k = model.config.num_experts_per_tok
-        self._logits: list[torch.Tensor] = []
-        self.total: ExpertLoad | None = None
+        self.on_error = on_error or (lambda err: logger.warning("expert load hook failed", exc_info=err))
         routers = [m for name, m in model.named_modules() if name.endswith("mlp.gate")]
-        self._handles = [r.register_forward_hook(self._hook) for r in routers]
-        self.num_layers = len(routers)
+        experts = getattr(model.config, "num_experts", None) or model.config.num_local_experts  # Qwen3-MoE, Mixtral
+        device = next(model.parameters()).device
+        self._counts = torch.zeros(len(routers), experts, dtype=torch.long, device=device)
+        self._entropy = torch.zeros(len(routers), device=device)  # summed over the counted tokens
+        self._real: torch.Tensor | None = None  # (batch x input positions,) 1 for a real token; None: all real
+        self._handles = [model.register_forward_pre_hook(self._see_mask, with_kwargs=True)]
+        self._handles += [r.register_forward_hook(partial(self._count, layer)) for layer, r in enumerate(routers)]
 
-    def _hook(self, module: torch.nn.Module, inputs, output) -> None:
-        self._logits.append(output[0] if isinstance(output, tuple) else output)
-        if len(self._logits) == self.num_layers:
-            load = expert_load(self._logits, self.top_k)
-            self.total = load if self.total is None else self.total + load
-            self._logits.clear()
+    def _see_mask(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
+            positions = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+            self._real = mask[:, -positions:].reshape(-1).long() if mask is not None and mask.dim() == 2 else None
+        except Exception as err:
+            self._real = None
+            self.on_error(err)
+
+    @torch.no_grad()
+    def _count(self, layer: int, module: torch.nn.Module, inputs: tuple, output) -> None:
+        try:
+            logits = output[0] if isinstance(output, tuple) else output
+            probs = torch.softmax(logits.float(), dim=-1)  # (tokens, experts)
+            chosen = probs.topk(self.top_k, dim=-1).indices
+            entropy = torch.special.entr(probs).sum(-1)
+            if self._real is None:
+                weights, real_entropy = torch.ones_like(chosen), entropy.sum()
+            else:
+                weights, real_entropy = self._real[:, None].expand_as(chosen), (entropy * self._real).sum()
+            self._counts[layer].index_add_(0, chosen.flatten(), weights.flatten())
+            self._entropy[layer] += real_entropy
+        except Exception as err:
+            self.on_error(err)
+
+    def take(self) -> ExpertLoad:
+        """The load since the last `take`, and counting starts afresh. Call it between forwards."""
+        counts, entropy = self._counts.to("cpu", copy=True), self._entropy.to("cpu", copy=True)
+        self._counts.zero_()
+        self._entropy.zero_()
+        tokens = counts.sum(1) / self.top_k
+        return ExpertLoad(counts, entropy / tokens.clamp(min=1))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -1,9 +1,10 @@
 """Iteration-level (continuous) batching over a transformers causal LM and its KV cache.
 
-One scheduler thread owns the model. Each iteration it admits waiting requests (prefilled together, grouped into
-power-of-two prompt-length buckets so padding stays small), merges their caches into the running batch, runs one
-decode step for every running sequence, and retires the ones that finished or were cancelled. Rows of the batch are
-left-padded to a common length; an attention mask and explicit position ids keep each row's positions its own.
+One scheduler thread owns the model. Each iteration it admits waiting requests (as many as the free slots and the
+KV cache budget allow; prefilled together, grouped into power-of-two prompt-length buckets so padding stays small),
+merges their caches into the running batch, runs one decode step for every running sequence, and retires the ones
+that finished (EOS or the chat template's end of turn, max_tokens, a stop string) or were cancelled. Rows of the batch
+are left-padded to a common length; an attention mask and explicit position ids keep each row's positions its own.
 
 transformers' own continuous batching (`generate_batch`) is some 40x slower than a static batch on a CPU, which is
 why the scheduling lives here: it is plain tensor bookkeeping around `model(...)` and a `DynamicCache`.
@@ -12,6 +13,7 @@ why the scheduling lives here: it is plain tensor bookkeeping around `model(...)
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -20,6 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from strata.data.tokenizer import stop_token_ids
+from strata.serve.kv_cache import is_out_of_memory, peak_cache_tokens, stack_right_aligned
+from strata.serve.metrics import ObservabilityErrors
+
+logger = logging.getLogger(__name__)
 
 # Router logits are for training losses; the engine's expert counts come from hooks (ExpertLoadRecorder).
 FORWARD_OPTIONS = {"use_cache": True, "output_router_logits": False}
@@ -41,6 +49,7 @@ class Output:
     finish_reason: str | None  # None while running, then "stop" (EOS or a stop string), "length" or "error"
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 Sink = Callable[[Output], None]
@@ -70,6 +79,7 @@ class StepStats:
     batch_size: int  # rows that gained a token this step (finished ones included)
     queue_length: int
     running: int  # rows still in the batch after the step
+    cache_tokens: int  # what the batch's KV cache holds after the step: rows x longest row, padding included
 
 
 def bucket(length: int) -> int:
@@ -89,6 +99,8 @@ class Engine:
         seed: int = 0,
         admission_group: int = 1,
         admission_wait_s: float = 0.0,
+        kv_cache_tokens: int | None = None,
+        observer_errors: ObservabilityErrors | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -97,16 +109,20 @@ class Engine:
         # `admission_wait_s`: each join costs a prefill forward, as dear as a decode step when launches dominate.
         self.admission_group = min(admission_group, max_batch_size)
         self.admission_wait_s = admission_wait_s
+        # Requests are admitted while the batch's cache, at its peak, stays within this many tokens (None: no limit).
+        self.kv_cache_tokens = kv_cache_tokens
         self.max_context = int(model.config.max_position_embeddings)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = set(stop_token_ids(tokenizer, model.generation_config))  # EOS and the end of a turn
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
         self.on_step = on_step
+        self.observer_errors = observer_errors or ObservabilityErrors()  # on_step may fail; a request never does
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
+        self._admitting: list[list[Sequence]] = []  # taken from the queue, not yet in the batch: groups to prefill
         self._cancelled: set[int] = set()
         self._stopped = False
         self.failure: str | None = None
@@ -118,6 +134,7 @@ class Engine:
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # sampled, not yet fed
         self.finished = 0
         self.cancelled = 0
+        self.failed = 0
         self.steps = 0
         self.tokens = 0  # generated, including those of cancelled requests
         self.busy_seconds = 0.0
@@ -131,6 +148,11 @@ class Engine:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length {self.max_context}"
+            )
+        if self.kv_cache_tokens is not None and len(prompt_ids) + params.max_tokens > self.kv_cache_tokens:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this model server's "
+                f"KV cache budget of {self.kv_cache_tokens} tokens"
             )
         sequence = Sequence(next(self._ids), list(prompt_ids), params, sink)
         with self._lock:
@@ -159,17 +181,20 @@ class Engine:
             "waiting": waiting,
             "finished": self.finished,
             "cancelled": self.cancelled,
+            "failed": self.failed,
+            "cache_tokens": self.mask.numel(),
             "steps": self.steps,
             "tokens": self.tokens,
             "busy_seconds": self.busy_seconds,
+            "observability_errors": self.observer_errors.count,
         }
 
     def run(self) -> None:
         """The scheduler loop: sleeps while idle, otherwise one `step` after another until `stop`.
 
-        If a step fails (a broken model, out of memory), every request in the engine ends with finish reason
-        "error", later submissions are refused, and `failure` says why: the replica's health check reports it,
-        and Serve replaces the replica."""
+        If a step fails (a broken model, out of memory while decoding), every request in the engine ends with finish
+        reason "error", later submissions are refused, and `failure` says why: the replica's health check reports
+        it, and Serve replaces the replica. Running out of memory while prefilling newcomers fails only them."""
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -186,10 +211,14 @@ class Engine:
     def _fail_all(self, err: Exception) -> None:
         with self._lock:
             self.failure = f"{type(err).__name__}: {err}"
-            stranded, self.rows, self._waiting = [*self.rows, *self._waiting], [], deque()
-            self.cache = None
-        for sequence in stranded:
-            sequence.sink(Output("", "error", len(sequence.prompt_ids), len(sequence.generated)))
+            stranded = [*self.rows, *itertools.chain(*self._admitting), *self._waiting]
+            self.rows, self._admitting, self._waiting, self.cache = [], [], deque(), None
+        self._fail(stranded, self.failure)
+
+    def _fail(self, sequences: list[Sequence], error: str) -> None:
+        self.failed += len(sequences)
+        for sequence in sequences:
+            sequence.sink(Output("", "error", len(sequence.prompt_ids), len(sequence.generated), error))
 
     # -- the scheduler --------------------------------------------------------------------------------------------
 
@@ -198,11 +227,12 @@ class Engine:
 
         Every row gains exactly one token per step, so `_emit` looks at one new token per row."""
         started = time.perf_counter()
-        admitted = self._take_admissions()
+        self._admitting = _group_by_bucket(self._take_admissions())  # a failure must reach them too
         if self.rows:
             self._decode()
-        for group in _group_by_bucket(admitted):
-            self._prefill(group)
+        while self._admitting:
+            self._admit(self._admitting[0])
+            del self._admitting[0]
         new_tokens = len(self.rows)
         self._retire()
         self.steps += 1
@@ -211,7 +241,8 @@ class Engine:
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
-            self.on_step(StepStats(new_tokens, queue_length, len(self.rows)))
+            stats = StepStats(new_tokens, queue_length, len(self.rows), self.mask.numel())
+            self.observer_errors.guard(self.on_step, stats)
 
     def _take_admissions(self) -> list[Sequence]:
         with self._lock:
@@ -222,7 +253,7 @@ class Engine:
                 kept = [s for s in self._waiting if not s.cancelled]
                 self.cancelled += len(self._waiting) - len(kept)
                 self._waiting = deque(kept)
-            joining = min(self.max_batch_size - len(self.rows), len(self._waiting))
+            joining = self._fitting()
             if joining <= 0 or (
                 self.rows
                 and joining < self.admission_group
@@ -230,6 +261,28 @@ class Engine:
             ):
                 return []
             return [self._waiting.popleft() for _ in range(joining)]
+
+    def _fitting(self) -> int:
+        """How many waiting requests, in arrival order, fit in the free slots and in the KV cache budget."""
+        slots = min(self.max_batch_size - len(self.rows), len(self._waiting))
+        if self.kv_cache_tokens is None or slots <= 0:
+            return slots
+        rows = [(s.length, s.params.max_tokens - len(s.generated)) for s in self.rows]
+        for fitting, sequence in enumerate(itertools.islice(self._waiting, slots)):
+            rows.append((len(sequence.prompt_ids), sequence.params.max_tokens))
+            if peak_cache_tokens(rows) > self.kv_cache_tokens:
+                return fitting  # the rest wait for running requests to finish
+        return slots
+
+    def _admit(self, group: list[Sequence]) -> None:
+        """Prefill newcomers into the batch. Running out of memory fails them alone: the running batch is untouched."""
+        try:
+            self._prefill(group)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            logger.warning("out of memory prefilling %d requests: they fail, the rest go on", len(group), exc_info=err)
+            self._fail(group, f"the model server ran out of memory for this request ({type(err).__name__})")
 
     def _prefill(self, group: list[Sequence]) -> None:
         width = max(len(s.prompt_ids) for s in group)
@@ -248,22 +301,20 @@ class Engine:
         self._merge(group, cache, mask, tokens)
 
     def _merge(self, group: list[Sequence], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append prefilled rows to the running batch, left-padding whichever side is shorter."""
+        """Append prefilled rows to the running batch, left-padding whichever side is shorter.
+
+        Each tensor is copied once, into place in one of the merged size. The running batch changes only once all
+        are built, so running out of memory here fails the newcomers alone."""
         if self.cache is None or not self.rows:
             self.rows, self.cache, self.mask, self.next_tokens = list(group), cache, mask, tokens
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        merged = []
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            merged.append(
-                (
-                    torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                    torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-                )
-            )
-        self.cache = DynamicCache(merged, config=self.model.config)
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self.next_tokens = torch.cat([self.next_tokens, tokens])
+        merged = [
+            (stack_right_aligned(old.keys, new.keys, width), stack_right_aligned(old.values, new.values, width))
+            for old, new in zip(self.cache.layers, cache.layers, strict=True)
+        ]
+        mask, tokens = stack_right_aligned(self.mask, mask, width, dim=1), torch.cat([self.next_tokens, tokens])
+        self.cache, self.mask, self.next_tokens = DynamicCache(merged, config=self.model.config), mask, tokens
         self.rows.extend(group)
 
     def _decode(self) -> None:
@@ -366,23 +417,8 @@ class Engine:
             sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(ids)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = ids if isinstance(ids, list) else [ids]
-    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
-
-
 def _group_by_bucket(sequences: list[Sequence]) -> list[list[Sequence]]:
     groups: dict[int, list[Sequence]] = {}
     for sequence in sequences:
         groups.setdefault(bucket(len(sequence.prompt_ids)), []).append(sequence)
     return list(groups.values())
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from strata import registry, tracking
 from strata.config import FinetuneConfig, dump_config
 from strata.data.sft import SFTDataset, load_sft_dataset
+from strata.data.tokenizer import stop_token_ids
 from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, trainable_model
 from strata.registry import ResolvedModel, generate_text, resolve_model
 from strata.runtime import init_ray
@@ -111,6 +112,7 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         with tempfile.TemporaryDirectory() as export_dir:
             if not already:
                 merged = merged_model(base.directory, cfg.method, str(adapter_dir)) if cfg.method != "full" else tuned
+                merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged.generation_config)
                 merged.save_pretrained(export_dir)
                 tokenizer.save_pretrained(export_dir)
             version = registry.register_once(

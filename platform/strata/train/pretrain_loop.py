@@ -19,7 +19,7 @@ import torch
 
 from strata.config import PretrainConfig, dump_config
 from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
-from strata.data.tokenizer import load_tokenizer
+from strata.data.tokenizer import load_tokenizer, stop_token_ids
 from strata.models.moe_stats import ExpertLoad, expert_load
 from strata.models.presets import build_model
 from strata.train.state import (
@@ -43,6 +43,7 @@ class DataPaths:
 
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, step: int, cursor: DataCursor, cfg):
     unwrapped = getattr(model, "module", model)
+    unwrapped.generation_config.eos_token_id = stop_token_ids(tokenizer, unwrapped.generation_config)  # + end of turn
     unwrapped.save_pretrained(directory / MODEL_DIR)
     tokenizer.save_pretrained(directory / MODEL_DIR)
     save_train_state(directory, step, cursor.state_dict(), optimizer, scheduler)
