@@ -146,8 +146,8 @@ def test_every_prompt_form_openai_accepts_gets_one_choice_per_prompt_and_n(serve
         for text, i in zip(texts, ids, strict=True)
     }
     forms = [(texts[0], [texts[0]]), ([texts[0]], [texts[0]]), (ids[0], [texts[0]]), (ids, texts), (texts, texts)]
-    for prompt, answered in forms:
-        for n in (1, 2):
+    for n in (1, 2):
+        for prompt, answered in forms:
             body = ok(
                 served, "/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "n": n}
             )
