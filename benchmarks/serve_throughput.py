@@ -120,9 +120,7 @@ class DirectModelServer(ModelServer.func_or_class):
         reply = await self.complete(engine_request(body, body.max_tokens))
         usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
         rid = protocol.completion_id(chat=False)
-        return JSONResponse(
-            protocol.response_body(False, rid, body.model, reply["text"], reply["finish_reason"], usage)
-        )
+        return JSONResponse(protocol.response_body(False, rid, body.model, reply["choices"], usage))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -135,7 +133,7 @@ class BareHop:
     async def __call__(self, http: Request) -> JSONResponse:
         body = CompletionRequest.model_validate_json(await http.body())
         reply = await self.model.complete.remote(engine_request(body, body.max_tokens))
-        return JSONResponse({"choices": [{"text": reply["text"]}]})
+        return JSONResponse({"choices": [{"text": reply["choices"][0]["text"]}]})
 
 
 def router_overhead(base_url: str, requests: int) -> dict[str, float]:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from openai_reference import model_logprobs, openai_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.serve.engine import Engine, Output, SamplingParams, bucket
@@ -141,6 +142,97 @@ def test_sampling_respects_top_p_and_temperature(model_and_tokenizer):
     )
     assert nucleus.text == greedy
     assert hot.text != greedy
+
+
+def reported(collector: Collector) -> list:
+    return [logprob for output in collector.outputs for logprob in output.logprobs]
+
+
+def test_logprobs_are_the_models_own_for_greedy_and_sampled_tokens(model_and_tokenizer):
+    """A request's logprobs are log_softmax of the model's raw logits (before temperature, as vLLM reports them),
+    with the top k alternatives; requests that ask for none get none, in the same batch."""
+    model, tokenizer = model_and_tokenizer
+    requests = [
+        (PROMPTS[2], SamplingParams(12, 0.0, logprobs=3)),
+        (PROMPTS[0], SamplingParams(12, 1.5, seed=7, logprobs=0)),
+        (PROMPTS[1], SamplingParams(12, 0.0)),
+    ]
+    collectors = run_engine(Engine(model, tokenizer), requests)
+    assert reported(collectors[2]) == []
+    for (prompt, params), collector in zip(requests[:2], collectors[:2], strict=True):
+        logprobs = reported(collector)
+        tokens = [logprob.token for logprob in logprobs]
+        assert len(tokens) == collector.outputs[-1].completion_tokens > 0
+        assert tokenizer.decode(tokens, skip_special_tokens=True) == collector.text
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        expected = model_logprobs(model, ids + tokens)[len(ids) - 1 : -1]  # the distribution each token came from
+        for logprob, position in zip(logprobs, expected, strict=True):
+            assert logprob.logprob == pytest.approx(position[logprob.token].item(), abs=1e-4)
+            top_values, top_ids = position.topk(params.logprobs)
+            assert [token for token, _ in logprob.top] == top_ids.tolist()
+            assert [value for _, value in logprob.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+            if params.temperature == 0:
+                assert logprob.token == int(position.argmax())
+
+
+def test_logit_bias_forces_and_bans_tokens(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    greedy = openai_greedy(model, ids, 8)
+    forced = next(t for t in range(100, 200) if t not in greedy)
+    banned = {greedy[0]: -100.0}
+    requests = [
+        (PROMPTS[0], SamplingParams(8, 0.0, logit_bias={forced: 100.0}, logprobs=0)),
+        (PROMPTS[0], SamplingParams(8, 1.0, logit_bias={forced: 100.0}, logprobs=0)),  # sampling obeys it too
+        (PROMPTS[0], SamplingParams(8, 0.0, logit_bias=banned, logprobs=0)),
+    ]
+    forced_greedy, forced_sampled, without = run_engine(Engine(model, tokenizer), requests)
+    assert [t.token for t in reported(forced_greedy)] == [forced] * 8
+    assert [t.token for t in reported(forced_sampled)] == [forced] * 8
+    tokens = [t.token for t in reported(without)]
+    assert greedy[0] not in tokens
+    assert tokens == openai_greedy(model, ids, 8, bias=banned)
+
+
+def test_presence_and_frequency_penalties_follow_openai_on_generated_tokens_only(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    # A prompt that ends in the model's own greedy loop: its next token is already in the prompt, so penalising
+    # prompt tokens (which OpenAI and vLLM do not) would change even the first generated token.
+    ids = tokenizer.encode(PROMPTS[4], add_special_tokens=False)
+    ids += openai_greedy(model, ids, 12)
+    greedy = openai_greedy(model, ids, 16)
+    assert greedy[0] in ids and len(set(greedy)) < len(greedy), "the prompt must repeat itself for this test"
+    penalties = [(2.0, 0.0), (0.0, 1.5), (-1.0, 0.5)]
+    requests = [SamplingParams(16, 0.0, presence_penalty=p, frequency_penalty=f, logprobs=0) for p, f in penalties]
+    engine = Engine(model, tokenizer)
+    collectors = [Collector() for _ in requests]
+    for params, collector in zip(requests, collectors, strict=True):
+        engine.submit(ids, params, collector)
+    with torch.inference_mode():
+        while not all(c.done.is_set() for c in collectors):
+            engine.step()
+    for (presence, frequency), collector in zip(penalties, collectors, strict=True):
+        tokens = [t.token for t in reported(collector)]
+        assert tokens == openai_greedy(model, ids, 16, presence, frequency), (presence, frequency)
+        assert tokens[0] == greedy[0]
+    assert [t.token for t in reported(collectors[0])] != greedy  # the penalty changed the text
+
+
+def test_a_seed_samples_the_same_tokens_whatever_shares_the_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    seeded = SamplingParams(16, 1.0, seed=1234)
+    [alone] = run_engine(Engine(model, tokenizer, seed=0), [(PROMPTS[0], seeded)])
+    crowd = [
+        (PROMPTS[1], SamplingParams(16, 1.0)),
+        (PROMPTS[2], SamplingParams(16, 0.8, seed=5)),
+        (PROMPTS[0], seeded),
+        (PROMPTS[3], SamplingParams(16, 0.0)),
+    ]
+    in_a_crowd = run_engine(Engine(model, tokenizer, seed=99), crowd, join_every=2)[2]
+    [another_seed] = run_engine(Engine(model, tokenizer, seed=0), [(PROMPTS[0], SamplingParams(16, 1.0, seed=4321))])
+    assert in_a_crowd.text == alone.text
+    assert another_seed.text != alone.text
+    assert alone.text != reference(model, tokenizer, PROMPTS[0], 16)  # it did sample
 
 
 def test_cancel_frees_the_slot(model_and_tokenizer):

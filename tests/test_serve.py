@@ -184,8 +184,8 @@ BAD_REQUESTS = [
     ("max_tokens over limit", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 481}, 400, "max_tokens"),
     ("wrong type", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("bool as int", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
-    ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
-    ("n > 1", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "x", "best_off": 3}, 400, "best_off"),
+    ("n over the limit", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 129}, 400, "n"),
     ("no prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     (

@@ -18,6 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from strata.config import AuthSettings, RateLimit, ServeConfig, VariantConfig
+from strata.serve import protocol
 from strata.serve.audit import AuditLog
 from strata.serve.auth import KEYS_ENV, Authenticator, RateLimiter, hash_key, key_hashes, key_id, read_keys
 from strata.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, max_tokens_of, parse_request
@@ -89,16 +90,71 @@ def test_requests_are_validated_like_openai():
     request = parse_request(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
     assert request.messages[0].text() == "hi"
     assert max_tokens_of(request, default=16, limit=64) == 16
-    with pytest.raises(ApiError, match="Unrecognized request argument supplied: logprobs"):
-        parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "logprobs": 2}')
+    with pytest.raises(ApiError, match="Unrecognized request argument supplied: logprob"):
+        parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "logprob": 2}')
     with pytest.raises(ApiError) as err:
-        parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "top_p": 0}')
+        parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "top_p": 1.5}')
     assert err.value.param == "top_p"
     too_many = parse_request(CompletionRequest, b'{"model": "m", "prompt": [1, 2], "max_tokens": 65}')
     with pytest.raises(ApiError, match="over this server's limit of 64"):
         max_tokens_of(too_many, default=16, limit=64)
     stops = parse_request(CompletionRequest, b'{"model": "m", "prompt": "x", "stop": ["a", ""]}')
     assert stops.stop_sequences() == ("a",)
+
+
+@pytest.mark.parametrize(
+    "prompt, prompts",
+    [("x", ["x"]), (["x"], ["x"]), (["x", "y"], ["x", "y"]), ([1, 2], [[1, 2]]), ([[1], [2, 3]], [[1], [2, 3]])],
+)
+def test_every_prompt_form_openai_accepts_is_read_as_openai_means_it(prompt, prompts):
+    request = parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": prompt}).encode())
+    assert request.prompts() == prompts
+
+
+@pytest.mark.parametrize("prompt", ["", [], [""], [[]], ["x", ""], None, 5, ["x", 1], [[1], "x"], [1.5]])
+def test_empty_or_malformed_prompts_are_a_400_naming_the_prompt(prompt):
+    with pytest.raises(ApiError) as err:
+        parse_request(CompletionRequest, json.dumps({"model": "m", "prompt": prompt}).encode())
+    assert err.value.status == 400 and err.value.param == "prompt", err.value.message
+
+
+def test_nullable_fields_sent_as_null_mean_their_defaults():
+    nulls = dict.fromkeys(["max_tokens", "temperature", "top_p", "n", "stop", "stream", "seed", "logprobs", "echo"])
+    body = {"model": "m", "prompt": "x", "suffix": None, "best_of": None, "logit_bias": None, **nulls}
+    request = parse_request(CompletionRequest, json.dumps(body).encode())
+    assert (request.temperature, request.top_p, request.n, request.candidates(), request.logit_bias) == (1, 1, 1, 1, {})
+
+
+def test_protocol_bodies_conform_to_the_openai_types():
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    token = {"bytes": b"\xc3", "logprob": -0.5, "top": [(b"\xc3", -0.5), (b"ab", -1.5)], "offset": 0}
+    choices = [{"index": i, "text": "ab", "finish_reason": "length", "logprobs": [token]} for i in range(2)]
+    usage = protocol.usage(3, 4)
+    chat = ChatCompletion.model_validate(protocol.response_body(True, "id", "m", choices, usage))
+    assert chat.choices[1].message.refusal is None and chat.choices[1].index == 1
+    assert chat.choices[0].logprobs.content[0].bytes == [0xC3]
+    assert chat.choices[0].logprobs.content[0].top_logprobs[1].token == "ab"
+    completion = Completion.model_validate(protocol.response_body(False, "id", "m", choices, usage))
+    assert completion.choices[0].logprobs.tokens == ["bytes:\\xc3"]
+    assert completion.choices[0].logprobs.top_logprobs == [{"bytes:\\xc3": -0.5, "ab": -1.5}]
+    chunk = {"index": 1, "text": "a", "finish_reason": None, "logprobs": None}
+    first = ChatCompletionChunk.model_validate(protocol.chunk_body(True, "id", "m", chunk, first=True))
+    assert first.choices[0].index == 1 and first.choices[0].delta.role == "assistant"
+
+
+def test_token_bytes_are_exact_even_inside_a_multibyte_character(tiny_base):
+    from transformers import AutoTokenizer
+
+    from strata.serve.model_server import token_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    text = "naïve café → ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    raw = token_bytes(tokenizer)
+    assert b"".join(raw(i) for i in ids) == text.encode()
+    assert any(not raw(i).decode(errors="ignore") for i in ids)  # some token is only part of a character
 
 
 def test_a_variant_with_a_lora_adapter_serves_the_merged_weights(tiny_base, tmp_path):
@@ -272,3 +328,17 @@ def test_the_default_deploy_fits_two_cpus():
     assert sum(d["replicas"] * d["CPU"] for d in needed.values()) <= 2
     one = ServeConfig(model_name="m", variants=[{"name": "a", "model": "d"}])
     assert required_resources(one)["model-a"]["CPU"] <= 0.5  # a hand-written variant's default, too
+
+
+def test_text_offsets_point_at_each_tokens_text_even_around_broken_characters():
+    """Offsets index the text as the detokenizer writes it: a byte left alone becomes one U+FFFD, a character split
+    between two tokens is where both start."""
+    from strata.serve.model_server import _Choice
+    from strata.serve.sampling import TokenLogprob
+
+    tokens = [b"ue", b"\xc3", b"ult", b"\xc3", b"\xa9", b"x", b"\xe2\x80", b"\xa6"]
+    choice = _Choice(request_id=0, prefix="", logprobs=True)
+    offsets = [choice.token(lambda raw: raw, TokenLogprob(raw, 0.0, ()))["offset"] for raw in tokens]
+    text = b"".join(tokens).decode(errors="replace")
+    assert text == "ue\ufffdultéx…"
+    assert offsets == [0, 2, 3, 6, 6, 7, 8, 8]

@@ -26,19 +26,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from strata.data.tokenizer import stop_token_ids
 from strata.serve.kv_cache import is_out_of_memory, peak_cache_tokens, stack_right_aligned
 from strata.serve.metrics import ObservabilityErrors
+from strata.serve.sampling import SamplingParams, TokenLogprob, sample
 
 logger = logging.getLogger(__name__)
 
 # Router logits are for training losses; the engine's expert counts come from hooks (ExpertLoadRecorder).
 FORWARD_OPTIONS = {"use_cache": True, "output_router_logits": False}
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +43,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # why, when finish_reason is "error"
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last Output, if the request asked
 
 
 Sink = Callable[[Output], None]
@@ -68,10 +62,19 @@ class Sequence:
     read_offset: int = 0
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None  # the request's own, when it has a seed
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked for
+    logprobs_sent: int = 0
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+    def new_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs not yet sent, of tokens still in `generated` (an EOS taken off it is never reported)."""
+        fresh = tuple(self.logprobs[self.logprobs_sent : len(self.generated)])
+        self.logprobs_sent += len(fresh)
+        return fresh
 
 
 @dataclass
@@ -331,25 +334,13 @@ class Engine:
         self.next_tokens = self._sample(logits, self.rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
-        """Greedy for temperature 0, otherwise temperature + nucleus (top-p) sampling, each row with its own params.
-
-        The sampled token is recorded in its sequence here; it is fed to the model next iteration."""
-        logits = logits.float()
-        greedy = logits.argmax(-1)
-        if any(r.params.temperature > 0 for r in rows):  # decided on the host: no device round trip when greedy
-            temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-            top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-            probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
-            sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
-            choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
-            sampled = order.gather(-1, choice).squeeze(-1)
-            tokens = torch.where(temperature > 0, sampled, greedy)
-        else:
-            tokens = greedy
-        for sequence, token in zip(rows, tokens.tolist(), strict=True):
+        """Each row's next token under its own sampling params (`sampling.sample`), recorded in its sequence here;
+        it is fed to the model next iteration."""
+        tokens, logprobs = sample(logits, rows, self.generator)
+        for sequence, token, logprob in zip(rows, tokens.tolist(), logprobs, strict=True):
             sequence.generated.append(token)
+            if logprob is not None:
+                sequence.logprobs.append(logprob)
         return tokens
 
     def _retire(self) -> None:
@@ -403,7 +394,9 @@ class Engine:
             ready -= max((len(s) - 1 for s in params.stop), default=0)
         delta = sequence.text[sequence.emitted_chars : max(ready, sequence.emitted_chars)]
         sequence.emitted_chars += len(delta)
-        sequence.sink(Output(delta, finish, len(sequence.prompt_ids), len(sequence.generated)))
+        sequence.sink(
+            Output(delta, finish, len(sequence.prompt_ids), len(sequence.generated), logprobs=sequence.new_logprobs())
+        )
         return finish
 
     def _detokenize(self, sequence: Sequence, final: bool) -> None:

@@ -7,18 +7,22 @@ text back; it knows nothing of HTTP, keys or splits.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
+import functools
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
+from transformers import PreTrainedTokenizerBase
 
 from strata.config import VariantConfig
-from strata.serve.engine import Engine, Output, SamplingParams, StepStats
+from strata.serve.engine import Engine, Output, SamplingParams, StepStats, TokenLogprob
 from strata.serve.kv_cache import cache_tokens_in
 from strata.serve.metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, ObservabilityErrors
 
@@ -48,6 +52,7 @@ class ModelServer:
             tracking.use_store(tracking_uri)  # the registry too: a $MLFLOW_REGISTRY_URI on the node must not win
         torch.set_num_threads(self.config.engine.torch_threads or max(1, round(self.config.num_cpus)))
         model, self.tokenizer, self.info = load_for_serving(self.config)
+        self.token_bytes = token_bytes(self.tokenizer)  # what logprobs report of each token
         # Metrics and hooks record their failures here (logged, counted): observability never fails a request.
         self.observer_errors = ObservabilityErrors()
         self.experts = ExpertLoadRecorder(model, on_error=self.observer_errors.record)
@@ -113,80 +118,142 @@ class ModelServer:
         for (layer, expert), count in _nonzero(self.experts.take().tokens_per_expert):
             self.expert_tokens.inc(count, tags={"layer": str(layer), "expert": str(expert)})
 
-    def prompt_ids(self, request: dict[str, Any]) -> list[int]:
+    def prompt_ids(self, request: dict[str, Any]) -> list[list[int]]:
+        """Each prompt's token ids: the chat template applied to the messages, or each completion prompt."""
         if request.get("messages") is not None:
-            return self.tokenizer.apply_chat_template(
-                request["messages"], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        prompt = request["prompt"]
-        return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
+            return [
+                self.tokenizer.apply_chat_template(
+                    request["messages"], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            ]
+        return [
+            list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
+            for prompt in request["prompts"]
+        ]
 
-    async def generate(self, request: dict[str, Any], paced: bool = True) -> AsyncIterator[dict[str, Any]]:
-        """Chunks of new text. `paced` streams let tokens gather into a chunk for the stream interval (bounding what
-        streaming costs); an unpaced reader takes each token as it comes, for a reply that waits on none."""
-        started = time.perf_counter()
-        ids = self.prompt_ids(request)
-        params = SamplingParams(
+    def sampling_params(self, request: dict[str, Any], candidate: int) -> SamplingParams:
+        """The engine's params for one of a prompt's candidates. A seeded request's candidate i draws with seed + i,
+        as in vLLM: n > 1 choices differ, and each is reproducible. Ranking best_of candidates needs logprobs."""
+        ranked = request["best_of"] > request["n"]
+        return SamplingParams(
             max_tokens=request["max_tokens"],
             temperature=request["temperature"],
             top_p=request["top_p"],
             stop=tuple(request["stop"]),
+            presence_penalty=request["presence_penalty"],
+            frequency_penalty=request["frequency_penalty"],
+            logit_bias=request["logit_bias"],
+            seed=None if request["seed"] is None else request["seed"] + candidate,
+            logprobs=0 if ranked and request["logprobs"] is None else request["logprobs"],
         )
-        if len(ids) + params.max_tokens > self.engine.max_context:
-            yield {
-                "error": f"This model's maximum context length is {self.engine.max_context} tokens; the prompt has "
-                f"{len(ids)} and max_tokens asks for {params.max_tokens} more.",
-                "status": 400,
-                "code": "context_length_exceeded",
-            }
-            return
-        if any(i < 0 or i >= len(self.tokenizer) for i in ids):
-            yield {"error": "prompt token ids must lie in the vocabulary", "status": 400, "code": "invalid_prompt"}
+
+    def refusal(self, prompts: list[list[int]], request: dict[str, Any]) -> dict[str, Any] | None:
+        """A 400 for what only the replica can check (it has the tokenizer), before anything is submitted."""
+        vocab = min(len(self.tokenizer), self.engine.model.config.vocab_size)
+        for ids in prompts:
+            if not ids:
+                return _bad_request("the prompt encodes to no tokens", "prompt", "invalid_prompt")
+            if len(ids) + request["max_tokens"] > self.engine.max_context:
+                return _bad_request(
+                    f"This model's maximum context length is {self.engine.max_context} tokens; the prompt has "
+                    f"{len(ids)} and max_tokens asks for {request['max_tokens']} more.",
+                    "messages" if request.get("messages") else "prompt",
+                    "context_length_exceeded",
+                )
+            if any(not 0 <= i < vocab for i in ids):
+                return _bad_request(
+                    f"prompt token ids must lie in the vocabulary (0..{vocab - 1})", "prompt", "invalid_prompt"
+                )
+        outside = sorted(t for t in request["logit_bias"] if not 0 <= t < vocab)
+        if outside:
+            return _bad_request(
+                f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {outside[:5]}", "logit_bias"
+            )
+        return None
+
+    async def generate(self, request: dict[str, Any], paced: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of new text, each of one choice (`index`: prompt_index * candidates + i) and carrying the usage so
+        far. `paced` streams let tokens gather into a chunk for the stream interval (bounding what streaming costs);
+        an unpaced reader takes each token as it comes, for a reply that waits on none."""
+        started = time.perf_counter()
+        prompts = self.prompt_ids(request)
+        refusal = self.refusal(prompts, request)
+        if refusal:
+            yield refusal
             return
 
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[Output] = asyncio.Queue()
-        try:
-            request_id = self.engine.submit(ids, params, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
-        except ValueError as err:  # more than this replica's KV cache can ever hold
-            yield {"error": str(err), "status": 400, "code": "context_length_exceeded"}
-            return
+        outputs: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        choices: dict[int, _Choice] = {}
         guard = self.observer_errors.guard
-        outcome, first_at = None, None  # outcome: the finish_reason the request is counted under, once it has one
+        first_at = None
         if paced:
             self.streams += 1
         try:
-            while outcome is None:
+            for prompt_index, ids in enumerate(prompts):
+                for candidate in range(request["best_of"]):
+                    index = prompt_index * request["best_of"] + candidate
+                    params = self.sampling_params(request, candidate)
+                    sink = functools.partial(_deliver, loop, outputs, index)
+                    try:
+                        request_id = self.engine.submit(ids, params, sink)
+                    except ValueError as err:  # more than this replica's KV cache can ever hold
+                        yield _bad_request(str(err), "max_tokens", "context_length_exceeded")
+                        return
+                    choices[index] = _Choice(
+                        request_id, self.echo(request, prompt_index, ids), params.logprobs is not None
+                    )
+            while any(c.finish_reason is None for c in choices.values()):
                 batch = [await outputs.get()]
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
-                last = batch[-1]
-                outcome = last.finish_reason
-                if outcome == "error":
+                failed = [(index, output) for index, output in batch if output.finish_reason == "error"]
+                for index, _ in failed:
+                    choices[index].finish_reason = "error"
+                if failed:
+                    reason = f"generation failed: {failed[0][1].error}"
                     if first_at is None:  # nothing sent yet: the client gets an OpenAI-style error
-                        yield {"error": f"generation failed: {last.error}", "status": 503, "code": "server_error"}
+                        yield {"error": reason, "status": 503, "code": "server_error"}
                         return
-                    raise RuntimeError(f"generation failed: {last.error}")
+                    raise RuntimeError(reason)
                 if first_at is None:
                     first_at = time.perf_counter()
                     guard(self.ttft.observe, first_at - started)
-                yield {
-                    "text": "".join(o.text for o in batch),
-                    "finish_reason": last.finish_reason,
-                    "prompt_tokens": last.prompt_tokens,
-                    "completion_tokens": last.completion_tokens,
+                chunks: dict[int, dict[str, Any]] = {}
+                for index, output in batch:
+                    chunk = chunks.setdefault(index, choices[index].chunk(index))
+                    chunk["text"] += output.text
+                    chunk["finish_reason"] = choices[index].finish_reason = output.finish_reason
+                    choices[index].completion_tokens = output.completion_tokens
+                    if chunk["logprobs"] is not None:
+                        chunk["logprobs"] += [choices[index].token(self.token_bytes, t) for t in output.logprobs]
+                    if output.finish_reason and output.completion_tokens > 1:
+                        per_token = (time.perf_counter() - first_at) / (output.completion_tokens - 1)
+                        guard(self.tpot.observe, per_token)
+                usage = {
+                    "prompt_tokens": sum(len(ids) for ids in prompts),
+                    "completion_tokens": sum(c.completion_tokens for c in choices.values()),
                 }
-                if paced and outcome is None:
+                for chunk in chunks.values():
+                    yield {**chunk, **usage}
+                if paced and any(c.finish_reason is None for c in choices.values()):
                     await asyncio.sleep(self._stream_interval())  # let tokens gather into one chunk
-            if last.completion_tokens > 1:
-                guard(self.tpot.observe, (time.perf_counter() - first_at) / (last.completion_tokens - 1))
         finally:
             if paced:
                 self.streams -= 1
-            if outcome is None:  # the caller went away: free the batch slot
-                self.engine.cancel(request_id)
-            self.finish_reasons[outcome or "cancelled"] += 1
-            guard(self.requests.inc, tags={"finish_reason": outcome or "cancelled"})
+            for choice in choices.values():
+                if choice.finish_reason is None:  # the caller went away: free the batch slot
+                    self.engine.cancel(choice.request_id)
+                reason = choice.finish_reason or "cancelled"
+                self.finish_reasons[reason] += 1
+                guard(self.requests.inc, tags={"finish_reason": reason})
+
+    def echo(self, request: dict[str, Any], prompt_index: int, ids: list[int]) -> str:
+        """The prompt as text, sent before its completion when the client asked for `echo`."""
+        if not request["echo"]:
+            return ""
+        prompt = request["prompts"][prompt_index]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
 
     def check_health(self) -> None:
         """Serve's periodic health check: a failed engine makes Serve replace this replica."""
@@ -208,15 +275,99 @@ class ModelServer:
         }
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole completion as one reply: an error, or the last chunk with all the text, the time to its first
-        token (`ttft_s`) and the time it all took (`seconds`).
+        """The whole completion as one reply: an error, or the choices with the usage, the time to the first token
+        (`ttft_s`) and the time it all took (`seconds`).
 
         Non-streaming requests take this path: one round trip from the router instead of a stream of chunks."""
-        started, first_at, text, last = time.perf_counter(), None, [], {}
+        started, first_at, choices, last = time.perf_counter(), None, {}, {}
         async for chunk in self.generate(request, paced=False):
             if "error" in chunk:
                 return chunk
             first_at = first_at or time.perf_counter()
-            text.append(chunk["text"])
+            empty = {"index": chunk["index"], "text": "", "logprobs": None if chunk["logprobs"] is None else []}
+            choice = choices.setdefault(chunk["index"], empty)
+            choice["text"] += chunk["text"]
+            choice["finish_reason"] = chunk["finish_reason"]
+            if chunk["logprobs"] is not None:
+                choice["logprobs"] += chunk["logprobs"]
             last = chunk
-        return {**last, "text": "".join(text), "ttft_s": first_at - started, "seconds": time.perf_counter() - started}
+        return {
+            "choices": best_of(sorted(choices.values(), key=lambda c: c["index"]), request),
+            "prompt_tokens": last["prompt_tokens"],
+            "completion_tokens": last["completion_tokens"],  # of all candidates: each was generated
+            "ttft_s": first_at - started,
+            "seconds": time.perf_counter() - started,
+        }
+
+
+@dataclass
+class _Choice:
+    """One engine request of a client request, and what its chunks still need."""
+
+    request_id: int
+    prefix: str  # the echoed prompt, sent with the first chunk
+    logprobs: bool
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    # The text of the tokens reported so far, decoded as the detokenizer does (invalid bytes become U+FFFD, a
+    # character split between tokens waits for its end): `chars` is where the next token's text starts.
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    chars: int = 0
+
+    def chunk(self, index: int) -> dict[str, Any]:
+        chunk = {"index": index, "text": self.prefix, "finish_reason": None, "logprobs": [] if self.logprobs else None}
+        self.prefix = ""
+        return chunk
+
+    def token(self, token_bytes: Callable[[int], bytes], logprob: TokenLogprob) -> dict[str, Any]:
+        """A token's logprobs for the router: its bytes, its alternatives' and its character offset in the text."""
+        raw, waiting = token_bytes(logprob.token), bool(self.decoder.getstate()[0])
+        text = self.decoder.decode(raw)
+        # Bytes left waiting by earlier tokens that this one shows invalid came out first, as one U+FFFD.
+        offset = self.chars + int(waiting and text.startswith("\ufffd"))
+        self.chars += len(text)
+        top = [(token_bytes(token), value) for token, value in logprob.top]
+        return {"bytes": raw, "logprob": logprob.logprob, "top": top, "offset": offset}
+
+
+def best_of(choices: list[dict[str, Any]], request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The n of each prompt's best_of candidates with the highest cumulative logprob (as vLLM ranks them), best
+    first, numbered prompt_index * n + i; their logprobs only if the client asked for them."""
+    n, candidates = request["n"], request["best_of"]
+    if candidates == n:
+        return choices
+    kept = []
+    for first in range(0, len(choices), candidates):
+        ranked = sorted(choices[first : first + candidates], key=lambda c: -sum(t["logprob"] for t in c["logprobs"]))
+        for i, choice in enumerate(ranked[:n]):
+            logprobs = choice["logprobs"] if request["logprobs"] is not None else None
+            kept.append({**choice, "index": first // candidates * n + i, "logprobs": logprobs})
+    return kept
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], bytes]:
+    """Each token's exact bytes (a token may end inside a multi-byte character). Byte-level BPE tokens (GPT-2, Qwen,
+    Strata's own) map back through the byte alphabet; other tokenizers' pieces are decoded."""
+    from tokenizers.decoders import ByteLevel
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    alphabet = {char: byte for byte, char in bytes_to_unicode().items()} if isinstance(decoder, ByteLevel) else {}
+
+    @functools.cache
+    def of(token: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        if alphabet and all(char in alphabet for char in piece):
+            return bytes(alphabet[char] for char in piece)
+        return tokenizer.decode([token]).encode()
+
+    return of
+
+
+def _bad_request(message: str, param: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": message, "status": 400, "param": param, "code": code}
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int, output: Output) -> None:
+    """The engine thread's sink for one choice: hand its output to the request's event loop."""
+    loop.call_soon_threadsafe(outputs.put_nowait, (index, output))

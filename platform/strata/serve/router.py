@@ -10,6 +10,7 @@ changes only them calls `reconfigure` on the running router, restarting nothing 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type of the endpoints'
 # parameters, and Serve's ingress wrapper cannot resolve string annotations.
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -35,16 +36,29 @@ SESSION_HEADER = "x-session-id"
 
 def engine_request(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
     """What a ModelServer needs of a validated request (plain data: it crosses processes)."""
+    chat = isinstance(body, ChatCompletionRequest)
     return {
-        "prompt": body.prompt if isinstance(body, CompletionRequest) else None,
-        "messages": [{"role": m.role, "content": m.text()} for m in body.messages]
-        if isinstance(body, ChatCompletionRequest)
-        else None,
+        "prompts": None if chat else body.prompts(),
+        "messages": [{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
+        "n": body.n,
+        "best_of": body.candidates(),
+        "echo": not chat and body.echo,
+        "logprobs": body.engine_logprobs(),
         "max_tokens": max_tokens,
         "temperature": float(body.temperature),
         "top_p": float(body.top_p),
         "stop": list(body.stop_sequences()),
+        "seed": body.seed,
+        "presence_penalty": float(body.presence_penalty),
+        "frequency_penalty": float(body.frequency_penalty),
+        "logit_bias": {token: float(bias) for token, bias in body.logit_bias.items()},
     }
+
+
+def _completion(texts: dict[int, list[str]]) -> str | list[str]:
+    """For the audit log: the text of the one choice, or of every choice in order."""
+    joined = ["".join(texts[index]) for index in sorted(texts)]
+    return joined[0] if len(joined) == 1 else joined
 
 
 @dataclass
@@ -61,7 +75,7 @@ class RequestRecord:
     completion_tokens: int = 0
     ttft: float | None = None
     prompt: Any = None
-    completion: str | None = None
+    completion: str | list[str] | None = None
 
 
 async def _reply(pending: Awaitable[dict]) -> dict:
@@ -73,7 +87,7 @@ async def _reply(pending: Awaitable[dict]) -> dict:
     except Exception as err:
         raise ApiError(500, f"the model replica failed: {type(err).__name__}", code="server_error") from err
     if "error" in reply:
-        raise ApiError(reply["status"], reply["error"], code=reply.get("code"))
+        raise ApiError(reply["status"], reply["error"], param=reply.get("param"), code=reply.get("code"))
     return reply
 
 
@@ -173,7 +187,7 @@ class Router:
             request = engine_request(
                 body, protocol.max_tokens_of(body, engine.default_max_tokens, engine.max_tokens_limit)
             )
-            record.prompt = request["messages"] or request["prompt"]
+            record.prompt = request["messages"] or body.prompt
             model_server = self.variants[record.variant]
             if body.stream:
                 stream = model_server.options(stream=True).generate.remote(request)
@@ -199,24 +213,21 @@ class Router:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         # The client saw no first token: count the time up to the replica's, leaving out the rest of its work.
         record.ttft = (time.perf_counter() - record.started) - reply["seconds"] + reply["ttft_s"]
-        self._finish(record, reply, reply["text"])
+        self._finish(record, reply, _completion({c["index"]: [c["text"]] for c in reply["choices"]}))
         usage = protocol.usage(reply["prompt_tokens"], reply["completion_tokens"])
-        return JSONResponse(
-            protocol.response_body(chat, rid, model, reply["text"], reply["finish_reason"], usage), headers=headers
-        )
+        return JSONResponse(protocol.response_body(chat, rid, model, reply["choices"], usage), headers=headers)
 
     async def _events(self, stream, first, record: RequestRecord, chat: bool, rid: str, model: str, usage: bool):
-        """Server-sent events; if the client disconnects, cancelling the stream frees the engine's batch slot."""
-        last, text, is_first = first, [], True
+        """Server-sent events, one choice per chunk; if the client disconnects, cancelling the stream frees the
+        engine's batch slots."""
+        last, texts, started = first, collections.defaultdict(list), set()
         try:
             async for chunk in _chunks(first, stream):
-                last = chunk
-                text.append(chunk["text"])
-                if chunk["text"] or chunk["finish_reason"] or (chat and is_first):
-                    yield protocol.sse(
-                        protocol.chunk_body(chat, rid, model, chunk["text"], chunk["finish_reason"], is_first)
-                    )
-                    is_first = False
+                last, index = chunk, chunk["index"]
+                texts[index].append(chunk["text"])
+                if chunk["text"] or chunk["finish_reason"] or chunk["logprobs"] or (chat and index not in started):
+                    yield protocol.sse(protocol.chunk_body(chat, rid, model, chunk, index not in started))
+                    started.add(index)
             if usage:
                 yield protocol.sse(
                     protocol.usage_chunk(
@@ -232,7 +243,7 @@ class Router:
             record.status = 500
             yield protocol.sse(ApiError(500, f"generation failed: {err}").body())
         finally:
-            self._finish(record, last, "".join(text))
+            self._finish(record, last, _completion(texts))
 
     async def _read_body(self, http: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -256,7 +267,9 @@ class Router:
             raise ApiError(404, f"no variant '{variant}'; there are {sorted(self.variants)}", code="model_not_found")
         return variant or self.split.assign(user)
 
-    def _finish(self, record: RequestRecord, last: dict | None = None, completion: str | None = None) -> None:
+    def _finish(
+        self, record: RequestRecord, last: dict | None = None, completion: str | list[str] | None = None
+    ) -> None:
         latency = time.perf_counter() - record.started
         if last:
             record.prompt_tokens, record.completion_tokens = last["prompt_tokens"], last["completion_tokens"]
