@@ -91,6 +91,14 @@ SERVING = [
     ),
     Panel("Batch size", "avg by (variant) (ray_strata_serve_batch_size)", "short", "{{variant}}"),
     Panel("Queue length", "sum by (variant) (ray_strata_serve_queue_length)", "short", "{{variant}}"),
+    Panel("KV cache in use (tokens)", "sum by (variant) (ray_strata_serve_kv_cache_tokens)", "short", "{{variant}}"),
+    # Failed metric exports and hooks: counted and logged, never failing a request.
+    Panel(
+        "Observability errors (5m)",
+        "sum by (variant) (increase(ray_strata_serve_observability_errors_total[5m])) or vector(0)",
+        "short",
+        "{{variant}}",
+    ),
     Panel(
         "Finished requests by reason",
         "sum by (variant, finish_reason) (rate(ray_strata_serve_requests_total[5m]))",
