@@ -29,7 +29,7 @@ from strata.train.state import (
     save_train_state,
     seed_everything,
 )
-from strata.train.trainer import PreemptionGuard, lr_lambda, make_optimizer, mean_across_ranks
+from strata.train.trainer import PreemptionGuard, mean_across_ranks, optimizer_and_schedule
 
 MODEL_DIR = "model"  # a transformers directory (config + weights + tokenizer) inside every checkpoint
 EXPERT_LOAD = "expert_load.json"  # tokens per expert and router entropy, per layer, at that step
@@ -85,13 +85,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seed_everything(cfg.optim.seed, rank)
     model.config.output_router_logits = True
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world_size > 1
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
-    step, cursor = 0, DataCursor()
+    optimizer, scheduler, step, cursor = optimizer_and_schedule(model, cfg.optim, state)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, cursor = state["step"], DataCursor(**state["cursor"])
         ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery
 
     schedule = GlobalBatchSchedule(len(data), cfg.optim.global_batch_size, cfg.optim.seed, cursor)

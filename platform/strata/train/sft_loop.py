@@ -22,7 +22,7 @@ import torch
 
 from strata import tracking
 from strata.config import FinetuneConfig
-from strata.data.packing import DataCursor, GlobalBatchSchedule
+from strata.data.packing import GlobalBatchSchedule
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
 from strata.models.adapters import ADAPTER_DIR, save_trained, trainable_model
 from strata.registry import resolve_model
@@ -33,7 +33,12 @@ from strata.train.state import (
     save_train_state,
     seed_everything,
 )
-from strata.train.trainer import PreemptionGuard, lr_lambda, make_optimizer, mean_across_ranks, sum_across_ranks
+from strata.train.trainer import (
+    PreemptionGuard,
+    mean_across_ranks,
+    optimizer_and_schedule,
+    sum_across_ranks,
+)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -128,13 +133,8 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     model = trainable_model(base_dir, cfg.method, cfg.lora, device, cfg.gradient_checkpointing, adapter_dir)
     # A 4-bit model is placed on its device at load time; moving it again is not supported.
     model = ray.train.torch.prepare_model(model, move_to_device=cfg.method != "qlora")
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
-    step, cursor = 0, DataCursor()
+    optimizer, scheduler, step, cursor = optimizer_and_schedule(model, cfg.optim, state)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, cursor = state["step"], DataCursor(**state["cursor"])
         if not restore_rank_state(Path(resumed_dir), rank, world_size):
             seed_everything(cfg.optim.seed + step, rank)
         ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery

@@ -15,6 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from strata.config import OptimConfig
 from strata.config.training import BatchedJob
+from strata.data.packing import DataCursor
 from strata.train.callbacks import PrometheusMetricsCallback
 
 
@@ -70,6 +71,17 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=False)
+
+
+def optimizer_and_schedule(model: torch.nn.Module, optim: OptimConfig, state: dict | None):
+    """AdamW and its LR schedule, with the step and data cursor: fresh, or as a checkpoint's train state left them."""
+    optimizer = make_optimizer(model, optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
+    if not state:
+        return optimizer, scheduler, 0, DataCursor()
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return optimizer, scheduler, state["step"], DataCursor(**state["cursor"])
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
