@@ -181,9 +181,6 @@ def trial_tree(tune: TuneConfig, base_tree: dict[str, Any], params: dict[str, An
         "optim.max_steps": tune.max_steps,
         "checkpoint.every_steps": tune.report_every_steps,
         "checkpoint.storage_path": f"{tune.storage_path}/{tune.name}",
-        "tracking.log_every_steps": min(
-            tune.report_every_steps, base_tree.get("tracking", {}).get("log_every_steps", 10)
-        ),
     }
     for dotted, value in {**fixed, **params}.items():
         tree = set_dotted(tree, dotted, value)

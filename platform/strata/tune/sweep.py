@@ -71,7 +71,8 @@ def make_scheduler(tune: TuneConfig):
 
 def make_search(tune: TuneConfig):
     if tune.search != "optuna":
-        return BasicVariantGenerator(random_state=tune.seed)  # random draws, and every grid point
+        # Random draws and every grid point; Tune leaves its max_concurrent_trials to this generator.
+        return BasicVariantGenerator(random_state=tune.seed, max_concurrent=tune.max_concurrent_trials)
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(metric=tune.metric, mode=tune.mode, seed=tune.seed)

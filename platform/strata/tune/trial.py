@@ -33,6 +33,19 @@ class SweepContext:
     parent_run_id: str
 
 
+class MetricReportCallback(TuneReportCallback):
+    """Forwards to Tune only the reports that carry the sweep's metric (evaluations and checkpoints). Tune rejects
+    a report without it, and the job also reports progress between evaluations, and a resume."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def trial_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
@@ -48,7 +61,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
     with tracking.start_run(tune.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=kind) as run:
         train_fn, loop_config = worker_inputs(tune.job, cfg, context.tracking_uri)
-        callbacks = [TuneReportCallback(), MlflowMetricsCallback(context.tracking_uri, run.info.run_id)]
+        callbacks = [MetricReportCallback(tune.metric), MlflowMetricsCallback(context.tracking_uri, run.info.run_id)]
         make_trainer(cfg, train_fn, loop_config, callbacks, run_name).fit()
 
 
