@@ -36,6 +36,7 @@ from strata.serve.routing import Split
 
 IMPORT_PATH = "serve_apps.ab:build_app"
 ROUTER = "Router"
+DASHBOARD_WAIT_S = 60  # a head's dashboard may register a while after the head answers
 
 
 class DeployError(RuntimeError):
@@ -265,25 +266,51 @@ def connect(address: str | None = None, start_if_none: bool = True, num_cpus: in
 
     With none running, start one with `ray start --head`: unlike a driver's own `ray.init`, it outlives this
     process, so the application keeps serving after the deploy command exits."""
+    started_output = ""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if not (address or last_started_cluster()):
             if not start_if_none:
                 raise ConnectionError("no Ray cluster is running here: name one with --address or $RAY_ADDRESS")
-            ray_cli = str(Path(sys.executable).parent / "ray")  # this environment's, as `make` runs it unactivated
-            command = [ray_cli, "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
-            if num_cpus:
-                command += ["--num-cpus", str(num_cpus)]
-            started = subprocess.run(command, capture_output=True, text=True)
-            if started.returncode != 0:
-                raise RuntimeError(f"`{' '.join(command)}` failed:\n{started.stdout}{started.stderr}")
+            started_output = start_head(num_cpus)
         # "auto" joins the recorded cluster and, as Ray does only for one found this way, takes up the token auth
         # that `ray start` turns on when ~/.ray/auth_token exists.
         ray.init(address=address or "auto", log_to_driver=False)
-    url = ray._private.worker.get_dashboard_url()  # no public API names a joined cluster's dashboard
+    url = ray._private.worker.get_dashboard_url() or wait_for_dashboard_url(DASHBOARD_WAIT_S)
     if not url:
-        raise RuntimeError("the Ray cluster has no dashboard, which `serve deploy` needs (start it with one)")
+        raise RuntimeError(
+            f"the Ray cluster has no dashboard after {DASHBOARD_WAIT_S} s, and `serve deploy` needs one (start the "
+            f"cluster with one; its log is dashboard.log in the session's logs directory){started_output}"
+        )
     return url if "://" in url else f"http://{url}"
+
+
+def start_head(num_cpus: int | None) -> str:
+    """`ray start --head` with this environment's Ray; returns what it printed, to show if its dashboard fails."""
+    ray_cli = str(Path(sys.executable).parent / "ray")  # this environment's, as `make` runs it unactivated
+    command = [ray_cli, "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+    if num_cpus:
+        command += ["--num-cpus", str(num_cpus)]
+    started = subprocess.run(command, capture_output=True, text=True)
+    if started.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed:\n{started.stdout}{started.stderr}")
+    return f"\n`{' '.join(command)}` printed:\n{started.stdout}{started.stderr}"
+
+
+def wait_for_dashboard_url(timeout_s: float) -> str | None:
+    """The dashboard's address once it has registered with the cluster. A head on a loaded machine can answer
+    before its dashboard does: the driver's view of it (`get_dashboard_url`) is read once, when it connects."""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        key, namespace = ray_constants.DASHBOARD_ADDRESS, ray_constants.KV_NAMESPACE_DASHBOARD
+        url = internal_kv._internal_kv_get(key, namespace=namespace)
+        if url:
+            return url.decode()
+        time.sleep(0.5)
+    return None
 
 
 def last_started_cluster() -> str | None:
