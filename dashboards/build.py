@@ -195,12 +195,53 @@ CLUSTER = [
     ),
 ]
 
+# A canary's own state, and the candidate against stable on the numbers it is gated on (`strata canary`).
+RELEASES = [
+    Panel("Canary state", "max by (app, state) (ray_strata_canary_state) > 0", "short", "{{app}}: {{state}}"),
+    Panel("Traffic to the candidate", "max by (app) (ray_strata_canary_weight)", "percent", "{{app}}"),
+    Panel(
+        "Canary transitions (1h)",
+        "sum by (app, to) (increase(ray_strata_canary_transitions_total[1h]))",
+        "short",
+        "{{app}} -> {{to}}",
+    ),
+    Panel("Error rate, candidate vs stable (5xx)", ERROR_RATE, "percentunit", "{{variant}}"),
+    Panel(
+        "Latency p99, candidate vs stable",
+        quantile(0.99, "ray_strata_router_request_latency_seconds"),
+        "s",
+        "{{variant}}",
+    ),
+    Panel(
+        "TTFT p99, candidate vs stable",
+        quantile(0.99, "ray_strata_router_time_to_first_token_seconds"),
+        "s",
+        "{{variant}}",
+    ),
+]
+
+# Grafana marks each canary transition (a promotion, a rollback) on the releases dashboard's time axis.
+RELEASE_ANNOTATIONS = [
+    {
+        "name": "Canary transitions",
+        "datasource": DATASOURCE,
+        "enable": True,
+        "iconColor": "orange",
+        "expr": "sum by (app, to) (increase(ray_strata_canary_transitions_total[1m])) > 0",
+        "titleFormat": "canary {{app}} -> {{to}}",
+        "tagKeys": "app,to",
+        "step": "30s",
+    }
+]
+
 DASHBOARDS = {
     "strata-serving": ("Strata: serving and A/B", SERVING),
     "strata-training": ("Strata: training and fine-tuning", TRAINING),
     "strata-moe": ("Strata: mixture of experts", MOE),
     "strata-cluster": ("Strata: cluster", CLUSTER),
+    "strata-releases": ("Strata: releases and canaries", RELEASES),
 }
+ANNOTATIONS = {"strata-releases": RELEASE_ANNOTATIONS}
 
 
 def panel_json(panel: Panel, index: int) -> dict:
@@ -218,6 +259,7 @@ def panel_json(panel: Panel, index: int) -> dict:
 
 def dashboard_json(uid: str, title: str, panels: list[Panel]) -> dict:
     return {
+        **({"annotations": {"list": ANNOTATIONS[uid]}} if uid in ANNOTATIONS else {}),
         "uid": uid,
         "title": title,
         "tags": ["strata"],

@@ -122,13 +122,15 @@ def tmp_records(path: Path) -> Path:
 def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
     ray_session, promtool, small_data, tiny_base, strata_home
 ):
+    import mlflow
     import ray
     from ray import serve
 
-    from strata import monitor
+    from strata import monitor, registry, tracking
     from strata.config import FinetuneConfig, PretrainConfig, ServeConfig
-    from strata.serve import traffic
-    from strata.serve.app import build_application
+    from strata.config.canary import CanaryConfig
+    from strata.release import canary
+    from strata.serve import deploy, traffic
     from strata.train.faults import WorkerKiller
     from strata.train.finetune import run_finetuning
     from strata.train.pretrain import run_pretraining
@@ -142,25 +144,51 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        uri = tracking.use_store()
+        with tracking.start_run("dashboards-test", "versions", {}, tags={"base_model": "tiny"}):
+            mlflow.set_tag("strata.dataset_hash", "sha256:test")
+            versions = [registry.log_model(tiny_base, "dash").version for _ in range(2)]
         variants = [
-            {"name": name, "model": str(tiny_base), "num_cpus": 0.25, "engine": {"max_batch_size": 8}}
-            for name in ("stable", "fast")
+            {"name": name, "model": f"models:/dash/{v}", "num_cpus": 0.25, "engine": {"max_batch_size": 8}}
+            for name, v in zip(("stable", "fast"), versions, strict=True)
         ]
         config = ServeConfig(
             model_name="dash",
             variants=variants,
             weights={"stable": 70, "fast": 30},
+            tracking_uri=uri,
             auth={"allow_anonymous": True},
             audit={"path": str(strata_home / "audit.jsonl")},
             router_num_cpus=0,
         )
-        serve.run(build_application(config), name="dash", route_prefix="/dash")
+        dashboard = "http://" + ray._private.worker.get_dashboard_url()
+        deploy.deploy(dashboard, {"applications": [deploy.application(config, "dash", "/dash")]})
+        deploy.wait_until_running(dashboard, "dash")
         base_url = f"http://127.0.0.1:{port}/dash/v1"
         samples = traffic.send(base_url, "anonymous", "dash", requests=40, concurrency=4)
         assert all(s.status == 200 for s in samples)
         bad = urllib.request.Request(f"{base_url}/completions", data=b'{"model": "nope", "prompt": "x"}', method="POST")
         with pytest.raises(urllib.error.HTTPError):  # an error series for the error panels
             urllib.request.urlopen(bad, timeout=30)
+
+        # A canary judged by this Prometheus (the cluster's metrics provider): the releases dashboard's data.
+        canary_cfg = CanaryConfig(
+            model="dash",
+            app="dash",
+            steps=[50, 100],
+            bake_s=3,
+            min_requests=4,
+            interval_s=1,
+            metrics="prometheus",
+            prometheus_url=url,
+            thresholds={"max_p99_latency_ms": 60_000, "max_p99_latency_ratio": 10, "max_ttft_ratio": 10},
+            promote=False,
+        )
+        with traffic.BackgroundTraffic(base_url, "anonymous", "dash", clients=2) as background:
+            status = canary.run_canary(canary_cfg)
+        assert status.state == canary.SUCCEEDED, status.reason
+        assert status.steps[-1]["fast"]["requests"] >= 4, status.steps  # Prometheus saw the candidate's requests
+        assert not background.failures()
 
         data_cfg, _ = small_data
         cfg = PretrainConfig.model_validate(

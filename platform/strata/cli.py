@@ -241,6 +241,71 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_canary(args: argparse.Namespace) -> int:
+    """`run` (the default): a canary release of the candidate variant of a deployed application; exits 0 once it is
+    stable, 1 on a rollback or an abort. `status`, `abort`, `pause`, `resume`: the model's latest canary."""
+    from strata import tracking
+    from strata.config.canary import CanaryConfig
+    from strata.release import canary
+
+    if args.action != "run":
+        if not args.model:
+            raise ConfigError(f"--model: `strata canary {args.action}` needs the registered model's name")
+        tracking.use_store()
+        try:
+            status = canary.latest_canary(args.model) if args.action == "status" else None
+            if args.action != "status":
+                status = canary.send_command(args.model, args.action)
+                console.print(f"sent {args.action} to the canary of {args.model} v{status.version}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if status is None:
+            raise ConfigError(f"--model: {args.model!r} has had no canary")
+        print_canary(status)
+        return 0
+    if not args.config:
+        raise ConfigError("--config: `strata canary run` needs a canary config (see configs/canary.yaml)")
+    cfg = load_config(args.config, CanaryConfig, args.overrides)
+    try:
+        status = canary.run_canary(cfg, log=console.print)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print_canary(status)
+    return 0 if status.state == canary.SUCCEEDED else 1
+
+
+def print_canary(status) -> None:
+    """The canary's state and, per judged step, the candidate against stable on every gated number."""
+    from rich.table import Table
+
+    color = {"Succeeded": "green", "RolledBack": "red", "Aborted": "red"}.get(status.state, "yellow")
+    console.print(
+        f"canary {status.model} v{status.version} on {status.app!r}: [{color}]{status.state}[/{color}] "
+        f"at {status.weight:g}% (step {status.step + 1}){': ' + escape(status.reason) if status.reason else ''}",
+        highlight=False,
+    )
+    table = Table("step", "weight", "variant", "requests", "errors", "p99 ms", "TTFT p99 ms", "checks")
+    for step in status.steps:
+        variants = [k for k in step if isinstance(step[k], dict)]
+        failed = [c["name"] for c in step["checks"] if not c["passed"]]
+        for i, name in enumerate(variants):
+            numbers = step[name]
+            table.add_row(
+                str(step["step"]) if i == 0 else "",
+                f"{step['weight']:g}%" if i == 0 else "",
+                name,
+                str(numbers.get("requests", 0)),
+                str(numbers.get("errors", 0)),
+                f"{numbers['p99_ms']:.0f}" if numbers.get("p99_ms") is not None else "-",
+                f"{numbers['ttft_p99_ms']:.0f}" if numbers.get("ttft_p99_ms") is not None else "-",
+                ("[red]failed: " + ", ".join(failed) + "[/red]" if failed else "[green]passed[/green]")
+                if i == 0
+                else "",
+            )
+    if status.steps:
+        console.print(table)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """`new`: a fresh API key on stdout, its hash on stderr. `hash`: the hash of each key read from stdin (one per
     line, as in a keys file), for `auth.api_key_hashes`: a serve config never holds a key itself."""
@@ -326,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--app", default="strata")
     split.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
     split.set_defaults(func=cmd_split)
+
+    can = sub.add_parser("canary", help="canary release of a deployed candidate variant, rolled back on bad metrics")
+    can.add_argument("action", nargs="?", default="run", choices=["run", "status", "abort", "pause", "resume"])
+    can.add_argument("--config", help="canary config (run), e.g. configs/canary.yaml")
+    can.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. bake_s=30")
+    can.add_argument("--model", help="registered model (status, abort, pause, resume)")
+    can.set_defaults(func=cmd_canary)
 
     mon = sub.add_parser("monitor", help="a local Prometheus with Strata's alert rules over the local Ray")
     mon.add_argument("--port", type=int, default=9090)

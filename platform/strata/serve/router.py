@@ -26,9 +26,10 @@ from strata.config import ServeConfig
 from strata.serve import protocol
 from strata.serve.audit import AuditLog
 from strata.serve.auth import Authenticator, RateLimiter, key_hashes
-from strata.serve.metrics import LATENCY_BUCKETS
+from strata.serve.metrics import LATENCY_BUCKETS, ObservabilityErrors
 from strata.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from strata.serve.routing import Split
+from strata.serve.windows import Sample, WindowRecorder
 
 VARIANT_HEADER = "x-strata-variant"
 SESSION_HEADER = "x-session-id"
@@ -130,6 +131,9 @@ class Router:
         self.weight = Gauge("strata_router_split_weight", tag_keys=("model", "variant"))
         for metric in (self.requests, self.errors, self.latency, self.ttft, self.tokens, self.weight):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
+        # What a canary judges variants on, gathered from every router replica of this application.
+        self.windows = WindowRecorder(serve.get_replica_context().app_name)
+        self.observer_errors = ObservabilityErrors()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """New split weights, applied live: requests in flight keep the variant they were given."""
@@ -284,4 +288,7 @@ class Router:
                 self.ttft.observe(record.ttft, tags=tags)
             if record.completion_tokens:
                 self.tokens.inc(record.completion_tokens, tags=tags)
+        if record.variant != "-":  # refused before a variant was chosen: no variant's doing
+            sample = Sample(time.time(), record.variant, record.status, latency, record.ttft)
+            self.observer_errors.guard(self.windows.add, sample)
         self.audit.write(record, latency)

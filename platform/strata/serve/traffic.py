@@ -1,12 +1,15 @@
-"""Synthetic traffic for a running endpoint: concurrent OpenAI clients, and what each variant served."""
+"""Synthetic traffic for a running endpoint: concurrent OpenAI clients, and what each variant served: a burst of
+requests (`send`), or steady traffic for as long as a block runs (`BackgroundTraffic`)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import random
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -102,3 +105,43 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
             "tokens": sum(s.completion_tokens for s in ok),
         }
     return summary
+
+
+class BackgroundTraffic:
+    """`clients` concurrent clients sending short completions until the block ends, as live users would during a
+    canary; what each variant answered, as the clients saw it: `(variant, status, time.time() of the reply)`, the
+    status an exception's name on a network error."""
+
+    def __init__(self, base_url: str, api_key: str, model: str, clients: int = 3, max_tokens: int = 4):
+        self.url, self.model, self.max_tokens = f"{base_url}/completions", model, max_tokens
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+        self.stopped = threading.Event()
+        self.seen: list[tuple[str, int | str, float]] = []
+        self.threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(clients)]
+
+    def _send(self, client: int) -> None:
+        with httpx.Client(headers=self.headers, timeout=60) as http:
+            for i in itertools.count(client):
+                if self.stopped.is_set():
+                    return
+                body = {"model": self.model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": self.max_tokens}
+                try:
+                    response = http.post(self.url, json=body | {"temperature": 0})
+                    variant = response.headers.get("x-strata-variant", "-")
+                    self.seen.append((variant, response.status_code, time.time()))
+                except httpx.HTTPError as err:
+                    self.seen.append(("-", type(err).__name__, time.time()))
+
+    def __enter__(self) -> BackgroundTraffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+
+    def failures(self) -> collections.Counter:
+        """Failed requests per variant ("-": failed before the router chose one)."""
+        return collections.Counter(variant for variant, status, _ in self.seen if status != 200)
