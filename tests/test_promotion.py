@@ -237,3 +237,16 @@ def test_conflict_error_names_the_lock_holder(client, strata_home):
         with pytest.raises(PromotionConflict, match=rf"in progress \(pid {os.getpid()}\)"):
             promote(MODEL, v1, "fast")
     assert alias(client, "fast") is None and [e.kind for e in history.events(MODEL)] == []
+
+
+def test_reading_history_never_aborts_a_running_promotion(client):
+    """`strata history` settles only pending events whose process is gone: a live one holds the alias lock."""
+    from strata.release import locks
+
+    v1 = add_version(client, 1.0)
+    with locks.hold(locks.lock_path(MODEL, "fast")):  # a promotion between its intent and its alias move
+        history.append(
+            client, MODEL, actor="x", alias="fast", from_version=None, to_version=v1, kind="promote", status="pending"
+        )
+        assert [e.status for e in history.events(MODEL)] == ["pending"]
+    assert [e.status for e in history.events(MODEL)] == ["aborted"]  # its process "died" before moving the alias

@@ -82,7 +82,8 @@ class Promotion:
 def failpoint(name: str) -> None:
     """A test hook, off unless STRATA_FAILPOINT names this point (comma-separated for several).
     `NAME` kills this process here with SIGKILL, a real crash; `NAME=SECONDS` sleeps here; `NAME=PATH` creates
-    PATH.waiting (so that a test knows it got here) and waits until the file PATH exists (at most 60 s)."""
+    PATH.waiting (so that a test knows it got here) and waits until the file PATH exists (at most 60 s).
+    Points: promotion:after-gates, promotion:hold-lock, promotion:before-alias, promotion:after-alias."""
     for spec in filter(None, os.environ.get("STRATA_FAILPOINT", "").split(",")):
         point, _, arg = spec.partition("=")
         if point != name:
@@ -244,8 +245,9 @@ def promote(
 
 def move(client: MlflowClient, model: str, alias: str, expected: str | None, kind: str, fields: dict) -> HistoryEvent:
     """Move the alias under its lock, if it still points at `expected`, writing history ahead of the move."""
+    lock = locks.lock_path(model, alias)
     try:
-        with locks.hold(locks.lock_path(model, alias)):
+        with locks.hold(lock):
             failpoint("promotion:hold-lock")
             history.reconcile(client, model, alias)  # a killed promotion's pending event, before comparing
             now_at = history.alias_version(client, model, alias)
@@ -260,6 +262,8 @@ def move(client: MlflowClient, model: str, alias: str, expected: str | None, kin
             failpoint("promotion:after-alias")
             return history.finish(client, model, event)
     except locks.LockBusy as busy:
+        if busy.path != lock:  # the history lock, held too long
+            raise
         raise PromotionConflict(f"another promotion of {model}@{alias} is in progress (pid {busy.pid})") from None
 
 
