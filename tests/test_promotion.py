@@ -224,6 +224,10 @@ def test_bad_input_is_a_clear_error_that_changes_nothing(client, capsys):
     with pytest.raises(ReleaseError, match="track: unknown track 'beta'"):
         promote(MODEL, v1, "beta")  # the Python API checks it too
     assert cli.main(["promote", MODEL, v1, "--to", "fast"]) == 1  # already there
+    job = subprocess.run(  # the `ray job submit` entrypoint is the same command
+        [sys.executable, str(ROOT / "jobs" / "promote.py"), MODEL, "99", "--to", "fast"], capture_output=True, text=True
+    )
+    assert job.returncode == 2 and "has no version '99'" in job.stderr
     after = client.get_registered_model(MODEL)
     assert after.aliases == before.aliases and after.tags == before.tags
 
