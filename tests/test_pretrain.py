@@ -72,6 +72,10 @@ def test_pretraining_checkpoints_tracks_registers_and_resumes(ray_session, strat
     assert sum(load["tokens_per_expert"][0]) == 8 * 64 * 2  # rank 0's 8 sequences of the step, each token to 2
     version = client.get_model_version("strata-test", result.registered_version)
     assert version.tags["strata.run_name"] == "pretrain-test" and version.run_id == result.run_id
+    # Lineage for the promotion gates: trained from scratch, on this packed data (on the run and the version).
+    digest = tracking.packed_digest(small_data[1])
+    for tags in (version.tags, run.data.tags):
+        assert tags["base_model"] == "scratch:tiny" and tags["strata.dataset_hash"] == digest
 
     # The final model is a plain transformers directory that loads and generates.
     model = AutoModelForCausalLM.from_pretrained(result.model_dir)

@@ -1,4 +1,4 @@
-"""The `strata` command: `strata data|pretrain|generate|ui ...`. Jobs in jobs/ call into the same functions."""
+"""The `strata` command: `strata data|pretrain|generate|promote|ui ...`. Jobs in jobs/ call into the same functions."""
 
 from __future__ import annotations
 
@@ -323,6 +323,71 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def release_command(call) -> int:
+    """Run a release command: a bad model, version or track exits 2, a refused or conflicting one 1."""
+    from strata import release, tracking
+
+    tracking.use_store()
+    try:
+        return call(release)
+    except release.BadTarget as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 2
+    except release.PromotionRefused as err:
+        console.print(release.gates_table(err.promotion))
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 1
+    except release.ReleaseError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move a release track to a version once its gates pass (with --dry-run: only show the gates)."""
+    from strata.config import PromotionGates
+
+    gates = load_config(args.gates, PromotionGates) if args.gates else None
+
+    def promote(release) -> int:
+        done = release.promote(
+            args.model,
+            args.version,
+            args.to,
+            reason=args.reason,
+            actor=args.actor,
+            force=args.force,
+            dry_run=args.dry_run,
+            gates=gates,
+        )
+        console.print(release.gates_table(done))
+        target = f"{args.model}@{args.to}: {done.from_version or 'nowhere'} -> {done.to_version}"
+        if args.dry_run:
+            console.print(f"dry run, nothing moved: would {'promote' if done.passed else 'refuse'} {target}")
+            return 0 if done.passed else 1
+        console.print(f"[green]{done.event.kind}[/green] {target} (history #{done.event.seq})", highlight=False)
+        return 0
+
+    return release_command(promote)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    def rollback(release) -> int:
+        done = release.rollback(args.model, args.track, reason=args.reason, actor=args.actor)
+        target = f"{args.model}@{args.track}: {done.from_version} -> {done.to_version}"
+        console.print(f"[cyan]rolled back[/cyan] {target} (history #{done.event.seq})", highlight=False)
+        return 0
+
+    return release_command(rollback)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    def show(release) -> int:
+        console.print(release.history_table(args.model, release.release_history(args.model)))
+        return 0
+
+    return release_command(show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -398,6 +463,29 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. bake_s=30")
     can.add_argument("--model", help="registered model (status, abort, pause, resume)")
     can.set_defaults(func=cmd_canary)
+
+    tracks = ["fast", "stable"]  # strata.config.TRACKS, written out: the parser imports no configs
+    promote = sub.add_parser("promote", help="move a release track (registry alias) to a version once its gates pass")
+    promote.add_argument("model", help="registered model name")
+    promote.add_argument("version", help="the version to promote")
+    promote.add_argument("--to", required=True, choices=tracks, help="the track (alias) to move")
+    promote.add_argument("--reason", default="", help="why, for the release history")
+    promote.add_argument("--actor", help="who, for the release history (default: the OS user)")
+    promote.add_argument("--force", action="store_true", help="promote to stable without a passed canary (recorded)")
+    promote.add_argument("--dry-run", action="store_true", help="show the gate results; move and record nothing")
+    promote.add_argument("--gates", help="YAML of PromotionGates (default: the built-in gates)")
+    promote.set_defaults(func=cmd_promote)
+
+    back = sub.add_parser("rollback", help="move a release track back to the version it held before")
+    back.add_argument("model", help="registered model name")
+    back.add_argument("--track", required=True, choices=tracks, help="the track (alias) to move back")
+    back.add_argument("--reason", default="", help="why, for the release history")
+    back.add_argument("--actor", help="who, for the release history (default: the OS user)")
+    back.set_defaults(func=cmd_rollback)
+
+    hist = sub.add_parser("history", help="the release history of a registered model (promotions, refusals, rollbacks)")
+    hist.add_argument("model", help="registered model name")
+    hist.set_defaults(func=cmd_history)
 
     mon = sub.add_parser("monitor", help="a local Prometheus with Strata's alert rules over the local Ray")
     mon.add_argument("--port", type=int, default=9090)

@@ -180,11 +180,15 @@ def log_dataset(source: str, name: str, digest: str, schema: Schema, context: st
     mlflow.log_input(dataset, context=context)
 
 
+def packed_digest(data: PreparedData) -> str:
+    """The packed data's identity: a hash of its manifest (corpus, tokenizer, sequence length)."""
+    return hashlib.sha256(json.dumps(asdict(data.packed), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def log_packed_data(name: str, data: PreparedData) -> None:
     """Pretraining data: the packed token sequences, identified by their manifest (corpus, tokenizer, length)."""
-    digest = hashlib.sha256(json.dumps(asdict(data.packed), sort_keys=True).encode()).hexdigest()[:16]
     schema = Schema([ColSpec(Array(DataType.integer), "input_ids")])  # data.seq_len tokens a row
-    log_dataset(data.packed_dir, name, digest, schema, context="training")
+    log_dataset(data.packed_dir, name, packed_digest(data), schema, context="training")
 
 
 def log_sft_data(dataset: SFTDataset) -> None:

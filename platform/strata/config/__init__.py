@@ -6,6 +6,7 @@
     pretrain  PretrainConfig and its data section
     finetune  FinetuneConfig, LoRA settings and SFT data
     serve     ServeConfig: variants, engine, autoscaling, auth, audit
+    release   PromotionGates: what a version must show before a release track (registry alias) moves to it
 
 Validating a config imports neither torch nor transformers.
 """
@@ -14,6 +15,7 @@ from strata.config.base import ConfigError, StrictModel, dump_config, load_confi
 from strata.config.finetune import FinetuneConfig, LoraSettings, SFTDataConfig
 from strata.config.model import PRESETS, ModelConfig
 from strata.config.pretrain import DataConfig, PretrainConfig, stdlib_source_dir
+from strata.config.release import TRACKS, PromotionGates
 from strata.config.serve import (
     AuditSettings,
     AuthSettings,
@@ -27,6 +29,7 @@ from strata.config.training import CheckpointConfig, OptimConfig, ScalingConfig,
 
 __all__ = [
     "PRESETS",
+    "TRACKS",
     "AuditSettings",
     "AuthSettings",
     "AutoscalingSettings",
@@ -39,6 +42,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PretrainConfig",
+    "PromotionGates",
     "RateLimit",
     "SFTDataConfig",
     "ScalingConfig",

@@ -34,8 +34,8 @@ from strata.serve import deploy, windows
 
 STATUS_TAG = "strata.canary.status"  # JSON: the state machine's position
 COMMAND_TAG = "strata.canary.command"  # abort | pause | resume, written by `strata canary abort|pause|resume`
-RESULT_TAG = "canary"  # running | passed | failed | aborted: what the promotion gate reads
-REPORT_TAG = "canary.report"  # the JSON report of a finished canary
+RESULT_TAG = promotion.CANARY_TAG  # running | passed | failed | aborted: what the promotion gate reads
+REPORT_TAG = promotion.CANARY_REPORT_TAG  # the JSON report, which the promotion copies into the history
 
 INITIALIZED, PROGRESSING, PAUSED, PROMOTING = "Initialized", "Progressing", "Paused", "Promoting"
 SUCCEEDED, ROLLED_BACK, ABORTED = "Succeeded", "RolledBack", "Aborted"
@@ -337,11 +337,11 @@ class Canary:
         if not self.cfg.promote:
             self.transition(SUCCEEDED, "passed (promotion off)")
             return self.finish("passed")
-        self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, "passed")
         self.client.set_model_version_tag(self.cfg.model, self.version, REPORT_TAG, json.dumps(self.report()))
+        self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, "passed")
         try:
             promotion.promote(self.cfg.model, self.version, "stable", reason=self.cfg.reason)
-        except promotion.PromotionRefused as refused:
+        except promotion.ReleaseError as refused:  # a gate failed, or another promotion of stable is under way
             return self.roll_back(ROLLED_BACK, f"promotion refused: {refused}")
         self.redeploy_stable()
         self.transition(SUCCEEDED, f"v{self.version} is stable")

@@ -13,7 +13,7 @@ import mlflow
 from rich.console import Console
 
 from strata import registry, tracking
-from strata.config import PretrainConfig, dump_config
+from strata.config import PRESETS, PretrainConfig, dump_config
 from strata.data.prepare import PreparedData, prepare_data
 from strata.data.tokenizer import load_tokenizer
 from strata.models.presets import check_tokenizer_fits
@@ -38,14 +38,16 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
     loop_config, data = pretrain_loop_config(cfg, console)
     init_ray()  # joins the cluster (or starts a local one) only once the inputs are known to be good
     uri = tracking.use_store(cfg.tracking.tracking_uri)
+    lineage = lineage_tags(cfg, data)
     with tracking.start_run(
         cfg.tracking.experiment,
         cfg.run_name,
         tracking.flatten(cfg),
-        tags={"strata.job": "pretrain"},
+        tags={"strata.job": "pretrain", **lineage},
         kind=tracking.PRETRAINING,
     ) as run:
         run_id = run.info.run_id
+        mlflow.set_tags(lineage)  # also on a run started before pretraining recorded its lineage
         mlflow.log_text(dump_config(cfg), "config.yaml")
         tracking.log_packed_data(cfg.data.name, data)
         console.print(f"MLflow run {run_id} in {uri}")
@@ -66,7 +68,7 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
             result.checkpoint.path,
             model_dir,
             cfg.tracking.registered_model,
-            tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name},
+            tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name, **lineage},
         )
     history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     first_loss = min(history, key=lambda m: m.step).value if history else None
@@ -78,6 +80,13 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         registered_version=version,
         first_loss=first_loss,
     )
+
+
+def lineage_tags(cfg: PretrainConfig, data: PreparedData) -> dict[str, str]:
+    """Where a pretrained model comes from, in the tags a fine-tune records (promotion gates check them): the model
+    it continued (`scratch:PRESET` when trained from scratch) and the packed data's digest."""
+    base = f"scratch:{cfg.model.name}" if cfg.model.name in PRESETS else cfg.model.name
+    return {"base_model": base, "strata.dataset_hash": tracking.packed_digest(data)}
 
 
 def pretrain_loop_config(cfg: PretrainConfig, console: Console | None = None) -> tuple[dict, PreparedData]:
