@@ -3,8 +3,10 @@
 corpus + tokenizer -> pretrain the `tiny` MoE on 2 Ray Train workers, killing one worker on the way (Ray Train
 restarts the group from the last checkpoint) -> register it in MLflow -> generate -> QLoRA fine-tune of that
 version on docstring -> function pairs -> register the merged model as the next version -> a short LoRA sweep on
-Ray Tune (ASHA stops the poor trials early; the best is registered, not promoted) -> serve both versions
-(aliases `stable` and `fast`) behind one OpenAI endpoint with a 90/10 split, and send them a few hundred requests.
+Ray Tune (ASHA stops the poor trials early; the best is registered, not promoted) -> promote the pretrained version
+to `stable` and the fine-tuned one to `fast` through the release gates -> serve both behind one OpenAI endpoint with
+a 90/10 split, and send them a few hundred requests -> a canary of `fast` under live traffic, which promotes it to
+`stable` once every step has passed -> the release history.
 """
 
 import socket
@@ -20,7 +22,7 @@ import mlflow.pyfunc  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from strata import paths, registry, tracking  # noqa: E402
+from strata import paths, tracking  # noqa: E402
 from strata.cli import main as strata_cli  # noqa: E402
 from strata.config import FinetuneConfig, PretrainConfig, load_config  # noqa: E402
 from strata.runtime import init_ray  # noqa: E402
@@ -31,29 +33,41 @@ from strata.train.pretrain import run_pretraining  # noqa: E402
 
 PROMPTS = ["def __init__(self", "import os\n", "class Parser:\n    def"]
 SERVE_REQUESTS, SERVE_CLIENTS = 300, 16
+# Short steps for a demo; the latency limits leave room for two models sharing 2 CPUs with the clients.
+CANARY_SETTINGS = [
+    "steps=[10, 50, 100]",
+    "bake_s=5",
+    "min_requests=15",
+    "thresholds.max_p99_latency_ms=10000",
+    "thresholds.max_p99_latency_ratio=3",
+    "thresholds.max_ttft_ratio=3",
+    "reason=demo canary passed",
+]
 
 
 def main() -> int:
     console = Console()
     started = time.perf_counter()
     run_name = time.strftime("pretrain-tiny-demo-%Y%m%d-%H%M%S")
-    cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", PretrainConfig, [f"run_name={run_name}"])
+    # A registered model of its own per demo run: its release tracks and history start empty, as on a new project.
+    stamp = run_name.removeprefix("pretrain-tiny-demo-")
+    overrides = [f"run_name={run_name}", f"tracking.registered_model=strata-demo-{stamp}"]
+    cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", PretrainConfig, overrides)
 
-    console.rule("1/6 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
+    console.rule("1/7 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
     init_ray()
     run_dir = Path(cfg.checkpoint.resolved_storage_path) / run_name
     killer = WorkerKiller(run_dir, after_step=100).start()  # a real SIGKILL, as a lost spot node would be
     result = run_pretraining(cfg, console)
     recovery = mlflow.MlflowClient().get_run(result.run_id).data.metrics
 
-    console.rule("2/6 generating from the registered model")
+    console.rule("2/7 generating from the registered model")
     model_uri = f"models:/{cfg.tracking.registered_model}/{result.registered_version}"
     model = mlflow.pyfunc.load_model(model_uri)
     for prompt, text in zip(PROMPTS, model.predict(PROMPTS, params={"max_new_tokens": 32}), strict=False):
         console.print(f"[dim]{prompt!r}[/dim] -> {text!r}", highlight=False)
 
-    console.rule("3/6 QLoRA fine-tuning of the registered model")
-    stamp = run_name.removeprefix("pretrain-tiny-demo-")
+    console.rule("3/7 QLoRA fine-tuning of the registered model")
     # The fine-tuned model becomes the next version of the same registered model: the candidate release.
     model_name = cfg.tracking.registered_model
     overrides = [f"base_model={model_uri}", f"tracking.registered_model={model_name}"]
@@ -65,7 +79,7 @@ def main() -> int:
         console.print(f"  base:       {sample['base_output']!r}", highlight=False)
         console.print(f"  fine-tuned: {sample['finetuned_output']!r}", highlight=False)
 
-    console.rule("4/6 a LoRA sweep on Ray Tune: three learning rates, ASHA stopping the poor ones early")
+    console.rule("4/7 a LoRA sweep on Ray Tune: three learning rates, ASHA stopping the poor ones early")
     sweep_overrides = [
         f"name=demo-sweep-{stamp}",
         f"overrides.base_model={model_uri}",
@@ -81,9 +95,15 @@ def main() -> int:
     if swept != 0:
         return swept
 
-    console.rule("5/6 serving stable (pretrained) and fast (fine-tuned), split 90/10")
-    registry.set_alias(model_name, "stable", result.registered_version)
-    registry.set_alias(model_name, "fast", tuned.registered_version)
+    console.rule("5/7 release tracks: stable = pretrained, fast = fine-tuned; serving both, split 90/10")
+    first_release = ["--reason", "first release: nothing to canary against", "--force"]
+    for version, track, extra in (
+        (result.registered_version, "stable", first_release),
+        (tuned.registered_version, "fast", []),
+    ):
+        promoted = strata_cli(["promote", model_name, str(version), "--to", track, *extra])
+        if promoted != 0:
+            return promoted
     port = free_port()
     deployed = strata_cli(
         ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "0.5", "--port", str(port)]
@@ -110,7 +130,16 @@ def main() -> int:
         )
     console.print(split_table)
 
-    console.rule("6/6 summary")
+    console.rule("6/7 a canary of fast (fine-tuned) against stable (pretrained) under live traffic")
+    canary_overrides = [f"model={model_name}", "app=strata", *CANARY_SETTINGS]
+    with traffic.BackgroundTraffic(f"http://127.0.0.1:{port}/v1", api_key, model_name, clients=4) as live:
+        canary_exit = strata_cli(
+            ["canary", "--config", str(ROOT / "configs/canary.yaml")] + [f"--set={o}" for o in canary_overrides]
+        )
+    strata_cli(["history", model_name])
+    canary_failed = sum(live.failures().values())
+
+    console.rule("7/7 summary")
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -144,12 +173,18 @@ def main() -> int:
         + ", ".join(f"{v} {row['share']:.0%}" for v, row in served.items())
         + f" of {SERVE_REQUESTS} requests, {sum(r['errors'] for r in served.values())} errors",
     )
+    table.add_row(
+        "canary",
+        f"v{tuned.registered_version}: "
+        + ("passed, now stable" if canary_exit == 0 else "rolled back")
+        + f"; {len(live.seen)} requests during it, {canary_failed} failed (`strata history {model_name}`)",
+    )
     table.add_row("audit log", paths.resolve("logs/audit.jsonl"))
     table.add_row("MLflow store", tracking.tracking_uri())
     table.add_row("open the UI", "make ui   (or: .venv/bin/strata ui), then http://127.0.0.1:5000")
     table.add_row("wall time", f"{time.perf_counter() - started:.0f}s")
     console.print(table)
-    return 0
+    return canary_exit
 
 
 def free_port() -> int:

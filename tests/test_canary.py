@@ -266,3 +266,36 @@ def test_canary_config_errors_name_the_field(tmp_path, capsys):
     assert "thresholds.max_error_rate" in capsys.readouterr().err
     assert main(["canary", "abort"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_the_checks_fail_early_on_errors_and_wait_for_enough_requests():
+    """Judged at every tick: errors roll back as soon as they exceed the rate even if every request still to come
+    up to `min_requests` succeeded; latency is judged only once the candidate has `min_requests`."""
+    from strata.config.canary import CanaryThresholds
+    from strata.release.canary import judge
+
+    limits = CanaryThresholds(max_error_rate=0.1, max_p99_latency_ms=500, max_p99_latency_ratio=1.5)
+    stable = {"requests": 100, "errors": 0, "error_rate": 0.0, "p99_ms": 100.0, "ttft_p99_ms": 50.0}
+
+    def verdict(**candidate) -> tuple[str, list[str]]:
+        checks, result = judge({"error_rate": 0.0, **candidate}, stable, limits, min_requests=20)
+        return result, [c.name for c in checks if not c.passed]
+
+    assert verdict(requests=5, errors=2) == ("wait", [])  # 2 of at least 20: 10%, not above it
+    assert verdict(requests=5, errors=3, error_rate=0.6) == ("fail", ["error_rate"])  # 3 of 20 would be 15%
+    assert verdict(requests=10, errors=0, p99_ms=9000.0) == ("wait", [])  # too few to judge latency
+    assert verdict(requests=20, errors=0, p99_ms=120.0, ttft_p99_ms=60.0) == ("pass", [])
+    assert verdict(requests=20, errors=0, p99_ms=200.0, ttft_p99_ms=60.0) == ("fail", ["p99_latency_ratio"])
+    assert verdict(requests=20, errors=0, p99_ms=600.0, ttft_p99_ms=60.0)[1] == ["p99_latency_ms", "p99_latency_ratio"]
+    assert verdict(requests=20, errors=0, p99_ms=120.0, ttft_p99_ms=200.0) == ("fail", ["ttft_ratio"])
+
+
+def test_variant_windows_summarize_5xx_as_errors_and_latency_of_successes():
+    from strata.serve.windows import Sample, summarize
+
+    samples = [Sample(0.0, "fast", 200, 0.1 * i, 0.01) for i in range(1, 11)]
+    samples += [Sample(0.0, "fast", 503, 9.0, None), Sample(0.0, "fast", 400, 9.0, None)]  # a 400 is the client's
+    [fast] = summarize(samples).values()
+    assert (fast["requests"], fast["errors"]) == (12, 1)
+    assert fast["error_rate"] == pytest.approx(1 / 12)
+    assert fast["p99_ms"] == pytest.approx(1000.0) and fast["p50_ms"] == pytest.approx(500.0)

@@ -86,6 +86,16 @@ def test_eval_gate_refuses_a_worse_model_and_dry_run_moves_nothing(client, capsy
     assert "refused" in table and "carol" in table and "eval_loss" in table
 
 
+def test_a_first_release_needs_no_eval_loss_but_every_later_one_does(client):
+    """A pretrained model reports no eval_loss: as a track's first holder it has nothing to be held to."""
+    pretrained = add_version(client, None)
+    first = promote(MODEL, pretrained, "fast")
+    assert first.passed and "no holder yet" in first.gates[0].detail
+    with pytest.raises(PromotionRefused, match="has no eval_loss"):
+        promote(MODEL, add_version(client, None), "fast")
+    assert alias(client, "fast") == pretrained
+
+
 def test_lineage_and_canary_gates(client):
     holder = add_version(client, 1.0, version_tags={"canary": "passed"})
     promote(MODEL, holder, "stable")

@@ -7,11 +7,14 @@
     finetune  FinetuneConfig, LoRA settings and SFT data
     serve     ServeConfig: variants, engine, autoscaling, auth, audit
     release   PromotionGates: what a version must show before a release track (registry alias) moves to it
+    canary    CanaryConfig: a canary release's steps, bake times and thresholds
+    tune      TuneConfig: a sweep over a job config (imported from `strata.config.tune`: it loads the job schemas)
 
 Validating a config imports neither torch nor transformers.
 """
 
 from strata.config.base import ConfigError, StrictModel, dump_config, load_config
+from strata.config.canary import CanaryConfig, CanaryThresholds
 from strata.config.finetune import FinetuneConfig, LoraSettings, SFTDataConfig
 from strata.config.model import PRESETS, ModelConfig
 from strata.config.pretrain import DataConfig, PretrainConfig, stdlib_source_dir
@@ -30,6 +33,8 @@ from strata.config.training import CheckpointConfig, OptimConfig, ScalingConfig,
 __all__ = [
     "PRESETS",
     "TRACKS",
+    "CanaryConfig",
+    "CanaryThresholds",
     "AuditSettings",
     "AuthSettings",
     "AutoscalingSettings",

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 import ray
 from mlflow.tracking import MlflowClient
 from ray.util.metrics import Counter, Gauge
+from rich.markup import escape
+from rich.table import Table
 
 from strata import paths, tracking
 from strata.config.canary import CanaryConfig, CanaryThresholds
@@ -407,6 +409,36 @@ def send_command(model: str, command: str) -> CanaryStatus:
         )
     MlflowClient().set_model_version_tag(model, status.version, COMMAND_TAG, command)
     return status
+
+
+def status_line(status: CanaryStatus) -> str:
+    color = {SUCCEEDED: "green", ROLLED_BACK: "red", ABORTED: "red"}.get(status.state, "yellow")
+    reason = f": {escape(status.reason)}" if status.reason else ""
+    return (
+        f"canary {status.model} v{status.version} on {status.app!r}: [{color}]{status.state}[/{color}] "
+        f"at {status.weight:g}% (step {status.step + 1}){reason}"
+    )
+
+
+def status_table(status: CanaryStatus) -> Table:
+    """Per judged step, the candidate against stable on every gated number, and the checks that failed."""
+    table = Table("step", "weight", "variant", "requests", "errors", "p99 ms", "TTFT p99 ms", "checks")
+    for step in status.steps:
+        failed = [c["name"] for c in step["checks"] if not c["passed"]]
+        verdict = "[red]failed: " + ", ".join(failed) + "[/red]" if failed else "[green]passed[/green]"
+        variants = [name for name, numbers in step.items() if isinstance(numbers, dict)]
+        for first, name in zip([True] + [False] * len(variants), variants, strict=False):
+            numbers = step[name]
+            table.add_row(
+                str(step["step"]) if first else "",
+                f"{step['weight']:g}%" if first else "",
+                name,
+                str(numbers.get("requests", 0)),
+                str(numbers.get("errors", 0)),
+                *(f"{numbers[k]:.0f}" if numbers.get(k) is not None else "-" for k in ("p99_ms", "ttft_p99_ms")),
+                verdict if first else "",
+            )
+    return table
 
 
 def run_canary(cfg: CanaryConfig, log: Callable[[str], None] = print) -> CanaryStatus:

@@ -138,6 +138,8 @@ def eval_gate(client: MlflowClient, model: str, candidate: ModelVersion, holder:
     metric = cfg.eval_metric
     run = source_run(client, candidate)
     value = run.data.metrics.get(metric) if run else None
+    if value is None and holder is None:  # a first release, e.g. a pretrained model: nothing to hold it to
+        return Gate(metric, True, f"version {candidate.version} has no {metric}, and the track has no holder yet")
     if value is None:
         return Gate(metric, False, f"version {candidate.version} has no {metric} (its run: {candidate.run_id})")
     if holder is None:
