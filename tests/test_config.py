@@ -34,6 +34,11 @@ def test_shipped_configs_are_valid(config_file):
         sweep, _ = load_tune_config(config_file)  # the sweep and its base job config together
         assert sweep.search_space
         return
+    if config_file.name.startswith("canary"):
+        from strata.config import CanaryConfig
+
+        assert load_config(config_file, CanaryConfig).steps[-1] == 100
+        return
     schema = FinetuneConfig if config_file.name.startswith("finetune") else PretrainConfig
     cfg = load_config(config_file, schema)
     assert cfg.grad_accum_steps >= 1
