@@ -119,7 +119,7 @@ def check_no_secrets(cfg: dict) -> None:
     text = yaml.safe_dump(cfg)
     patterns = {
         "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
-        "secret-looking assignment": r"(?i)(secret|password|aws_secret_access_key|token)\s*[=:]\s*['\"]?[A-Za-z0-9/+]{16,}",
+        "secret-looking assignment": r"(?i)(secret|password|token)\w*\s*[=:]\s*['\"]?[A-Za-z0-9/+]{16,}",
         "credentials in a URI": r"://[^/\s:@]+:[^/\s@]+@",
         "a raw Ray auth token": r"\b[0-9a-f]{32,}\b",
     }
