@@ -342,3 +342,19 @@ def test_text_offsets_point_at_each_tokens_text_even_around_broken_characters():
     text = b"".join(tokens).decode(errors="replace")
     assert text == "ue\ufffdultéx…"
     assert offsets == [0, 2, 3, 6, 6, 7, 8, 8]
+
+
+def test_deploy_resources_must_be_a_json_object_of_numbers(capsys):
+    """`--resources` places replicas on a cluster's serving group; a bad value is refused before anything runs."""
+    from strata.cli import main
+    from strata.config import ServeConfig
+    from strata.serve.app import build_application
+
+    assert main(["deploy", "--model", "m", "--split", "stable=1", "--resources", "[1]"]) == 2
+    assert "--resources: expected JSON" in capsys.readouterr().err
+    variant = {"name": "stable", "model": "/nowhere", "resources": {"serve_gpu": 1}}
+    config = ServeConfig(model_name="m", variants=[variant], router_resources={"driver": 0.1})
+    router = build_application(config)._bound_deployment
+    assert router.ray_actor_options["resources"] == {"driver": 0.1}
+    [model_server] = [d for d in router.init_args[1].values()]
+    assert model_server._bound_deployment.ray_actor_options["resources"] == {"serve_gpu": 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -189,6 +190,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         route_prefix=args.route_prefix,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
+        resources=parse_resources(args.resources),
         max_batch_size=args.max_batch_size,
         requests_per_minute=args.requests_per_minute,
         burst=args.burst,
@@ -218,6 +220,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     even = ",".join(f"{name}={100 // len(weights)}" for name in weights)
     console.print(f"  change the split live: strata split --app {args.app} {even}", highlight=False)
     return 0
+
+
+def parse_resources(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    try:
+        resources = json.loads(text)
+        if not isinstance(resources, dict) or not all(isinstance(v, int | float) for v in resources.values()):
+            raise ValueError("not an object of numbers")
+    except ValueError as err:
+        raise ConfigError(f"--resources: expected JSON like '{{\"serve_gpu\": 1}}', got {text!r} ({err})") from None
+    return {name: float(amount) for name, amount in resources.items()}
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -302,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--route-prefix", default="/", help="URL prefix of this application")
     dep.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per model replica (torch uses 1 thread per CPU)")
     dep.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica")
+    dep.add_argument(
+        "--resources", help="custom Ray resources per model replica, as JSON: '{\"serve_gpu\": 1}' (cluster/aws.yaml)"
+    )
     dep.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per replica")
     dep.add_argument("--requests-per-minute", type=float, default=600, help="rate limit per API key, in all")
     dep.add_argument("--burst", type=int, default=60, help="requests a key may send at once")

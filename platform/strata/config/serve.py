@@ -73,6 +73,11 @@ class VariantConfig(StrictModel):
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(0.5, ge=0, description="Per replica; 0.5 lets two variants and the router share 2 CPUs.")
     num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {serve_gpu: 1}: replicas land only on the node group that "
+        "declares them (cluster/aws.yaml); leave empty on a laptop.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
@@ -132,6 +137,9 @@ class ServeConfig(StrictModel):
     max_body_bytes: int = Field(1_000_000, gt=0)
     router_replicas: int = Field(1, gt=0)
     router_num_cpus: float = Field(0.5, ge=0)
+    router_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per router replica, e.g. {driver: 0.1}."
+    )
     experiment: str | None = Field(
         None,
         description="Names this A/B experiment and salts its sticky assignment, so each experiment draws its own "

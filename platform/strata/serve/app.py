@@ -20,13 +20,20 @@ def build_application(config: ServeConfig, tracking_uri: str | None = None) -> s
         )
         variants[variant.name] = ModelServer.options(
             name=f"model-{variant.name}",
-            ray_actor_options={"num_cpus": variant.num_cpus, "num_gpus": variant.num_gpus},
+            ray_actor_options={
+                "num_cpus": variant.num_cpus,
+                "num_gpus": variant.num_gpus,
+                **({"resources": variant.resources} if variant.resources else {}),
+            },
             # Enough concurrent requests per replica to fill the engine's batch, plus a queue behind it.
             max_ongoing_requests=2 * variant.engine.max_batch_size,
             **scaling,
         ).bind(config.model_name, variant.model_dump(), config.tracking_uri or tracking_uri)
     return Router.options(
         num_replicas=config.router_replicas,
-        ray_actor_options={"num_cpus": config.router_num_cpus},
+        ray_actor_options={
+            "num_cpus": config.router_num_cpus,
+            **({"resources": config.router_resources} if config.router_resources else {}),
+        },
         user_config={"weights": config.initial_weights},
     ).bind(config.model_dump(), variants)

@@ -54,6 +54,7 @@ class DeployRequest:
     route_prefix: str = "/"
     num_cpus: float = 0.5
     num_gpus: float = 0
+    resources: dict[str, float] | None = None  # custom Ray resources per model replica (a cluster's serve group)
     max_batch_size: int = 32
     requests_per_minute: float = 600
     burst: int = 60
@@ -81,6 +82,7 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             list(request.weights),
             num_cpus=request.num_cpus,
             num_gpus=request.num_gpus,
+            resources=request.resources or {},
             engine=EngineSettings(max_batch_size=request.max_batch_size),
         )
         return ServeConfig(
