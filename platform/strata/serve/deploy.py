@@ -288,15 +288,29 @@ def connect(address: str | None = None, start_if_none: bool = True, num_cpus: in
 
 
 def start_head(num_cpus: int | None) -> str:
-    """`ray start --head` with this environment's Ray; returns what it printed, to show if its dashboard fails."""
+    """`ray start --head` with this environment's Ray; returns what it printed, to show if its dashboard fails.
+    The dashboard and its agent take Ray's usual ports (8265, 52365) when free, and other free ports when another
+    Ray on this machine (a notebook's `ray.init`) holds them: `ray start` would otherwise start without them."""
     ray_cli = str(Path(sys.executable).parent / "ray")  # this environment's, as `make` runs it unactivated
     command = [ray_cli, "start", "--head", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"]
+    command += [f"--dashboard-port={port_or_free(8265)}", f"--dashboard-agent-listen-port={port_or_free(52365)}"]
     if num_cpus:
         command += ["--num-cpus", str(num_cpus)]
     started = subprocess.run(command, capture_output=True, text=True)
     if started.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed:\n{started.stdout}{started.stderr}")
     return f"\n`{' '.join(command)}` printed:\n{started.stdout}{started.stderr}"
+
+
+def port_or_free(preferred: int) -> int:
+    """`preferred` if nothing listens on it, else a free port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", preferred))
+            return preferred
+        except OSError:
+            probe.bind(("", 0))
+            return probe.getsockname()[1]
 
 
 def wait_for_dashboard_url(timeout_s: float) -> str | None:
