@@ -4,7 +4,8 @@ On an MoE preset (`tiny` by default) served by a real Serve application on a loc
 
   (a) a good candidate (the stable weights again) goes through every step and is promoted: client-side failures
       over the whole canary (target: 0);
-  (b) a broken candidate (its vocabulary cut, so prompts holding the cut tokens crash its engine) at the first
+  (b) a broken candidate (NaN embeddings for half its vocabulary, so a prompt holding one of those tokens fails
+      sampling and with it the replica's engine) at the first
       step: seconds from the first failed client request to the rollback, as a fraction of one bake window, and the
       client-side failures against the candidate's share of the traffic during one bake window (target: at most 1x).
 
@@ -56,7 +57,7 @@ def register(model_dir: Path, eval_loss: float) -> str:
         mlflow.set_tag("strata.dataset_hash", "sha256:bench")
         mlflow.log_metric("eval_loss", eval_loss)
         tags = {"base_model": "bench", "strata.dataset_hash": "sha256:bench"}
-        return registry.log_model(model_dir, MODEL, tags=tags).version
+        return str(registry.log_model(model_dir, MODEL, tags=tags).version)
 
 
 def deploy_candidate(dashboard: str, port: int, version: str, uri: str, home: Path) -> None:
@@ -107,7 +108,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(base)
     broken = home / "broken"
     model = AutoModelForCausalLM.from_pretrained(base)
-    model.resize_token_embeddings(len(tokenizer) // 2)
+    model.get_input_embeddings().weight.data[len(tokenizer) // 2 :] = float("nan")
     model.save_pretrained(broken)
     tokenizer.save_pretrained(broken)
 

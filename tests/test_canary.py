@@ -1,10 +1,10 @@
 """Canary releases on a real Serve application under real concurrent traffic, judged by the router's own windows,
 with the registry in a real MLflow store.
 
-Candidates are registered versions of the tiny MoE: a good one (the stable weights again), a broken one (its
-vocabulary cut, so prompts holding the cut tokens crash its engine: a real fault) and a slow one (eight times the
-layers). Each test deploys `stable` + its candidate as the `fast` variant, runs clients against the application,
-and runs the canary."""
+Candidates are registered versions of the tiny MoE: a good one (the stable weights again), a broken one (NaN
+embeddings for half its vocabulary, so a prompt holding one of those tokens fails sampling and with it the
+replica's engine: a real fault) and a slow one (24 times the layers). Each test deploys `stable` + its
+candidate as the `fast` variant, runs clients against the application, and runs the canary."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def register(model_dir: Path, eval_loss: float) -> str:
         mlflow.set_tag("strata.dataset_hash", "sha256:test")
         mlflow.log_metric("eval_loss", eval_loss)
         tags = {"base_model": "tiny-base", "strata.dataset_hash": "sha256:test"}
-        return registry.log_model(model_dir, MODEL, tags=tags).version
+        return str(registry.log_model(model_dir, MODEL, tags=tags).version)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +65,16 @@ def release(ray_session, tiny_base, tmp_path_factory):
     uri = tracking.use_store()
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    broken = home / "broken"  # its vocabulary cut short: a prompt holding a cut token crashes the engine
+    broken = home / "broken"  # NaN embeddings for half the vocabulary: a prompt holding one breaks sampling
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    model.resize_token_embeddings(len(tokenizer) // 2)
+    model.get_input_embeddings().weight.data[len(tokenizer) // 2 :] = float("nan")
     model.save_pretrained(broken)
     tokenizer.save_pretrained(broken)
     assert any(max(tokenizer(p)["input_ids"]) >= len(tokenizer) // 2 for p in PROMPTS), "no prompt breaks it"
 
-    slow = home / "slow"  # eight times the layers: a real model, just slower
+    slow = home / "slow"  # 24 times the layers: a real model, just slower
     config = AutoModelForCausalLM.from_pretrained(tiny_base).config
-    config.num_hidden_layers *= 8
+    config.num_hidden_layers *= 24
     AutoModelForCausalLM.from_config(config).save_pretrained(slow)
     tokenizer.save_pretrained(slow)
 
@@ -142,6 +142,16 @@ def split(release) -> dict[str, float]:
     return httpx.get(release["url"] + "/health").json()["split"]
 
 
+def all_on_stable(release) -> bool:
+    """The router serves the rolled-back split: Serve applies a split change a moment after it is accepted."""
+    deadline = time.monotonic() + 30
+    while split(release) != {"stable": 1.0, "fast": 0.0}:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @pytest.mark.slow
 def test_a_good_candidate_goes_through_every_step_and_becomes_stable(release):
     from mlflow.tracking import MlflowClient
@@ -158,12 +168,12 @@ def test_a_good_candidate_goes_through_every_step_and_becomes_stable(release):
     assert not traffic.failures(), traffic.failures()  # a good canary fails no client
 
     client = MlflowClient()
-    assert client.get_model_version_by_alias(MODEL, "stable").version == version
+    assert str(client.get_model_version_by_alias(MODEL, "stable").version) == version
     tags = client.get_model_version(MODEL, version).tags
     assert tags["canary"] == "passed" and json.loads(tags["canary.report"])["state"] == canary.SUCCEEDED
     [entry] = [a for a in canary.app_entry(release["dashboard"], APP)["args"]["variants"] if a["name"] == "stable"]
     assert entry["model"] == f"models:/{MODEL}/{version}"  # redeployed with the new stable
-    assert split(release) == {"stable": 1.0, "fast": 0.0}
+    assert all_on_stable(release)
     events = history.events(MODEL)
     assert events[-1].to_version == version and events[-1].alias == "stable"
 
@@ -175,7 +185,7 @@ def test_a_bad_candidate_is_rolled_back_at_the_first_step(release, candidate):
 
     from strata.release import canary
 
-    stable_before = MlflowClient().get_model_version_by_alias(MODEL, "stable").version
+    stable_before = str(MlflowClient().get_model_version_by_alias(MODEL, "stable").version)
     version = deploy_candidate(release, release[candidate])
     limits = {"max_p99_latency_ratio": 2.0, "max_ttft_ratio": 2.0} if candidate == "slow" else {}
     with clients(release) as traffic:
@@ -188,10 +198,10 @@ def test_a_bad_candidate_is_rolled_back_at_the_first_step(release, candidate):
     failed = {c["name"] for c in status.steps[0]["checks"] if not c["passed"]}
     expected = {"error_rate"} if candidate == "broken" else {"p99_latency_ratio", "ttft_ratio"}
     assert failed & expected, status.steps[0]
-    assert split(release) == {"stable": 1.0, "fast": 0.0}
+    assert all_on_stable(release)
     tags = MlflowClient().get_model_version(MODEL, version).tags
     assert tags["canary"] == "failed" and json.loads(tags["canary.report"])["state"] == canary.ROLLED_BACK
-    assert MlflowClient().get_model_version_by_alias(MODEL, "stable").version == stable_before
+    assert str(MlflowClient().get_model_version_by_alias(MODEL, "stable").version) == stable_before
 
     failures = traffic.failures()
     assert set(failures) <= {"fast"}, failures  # no stable request failed
@@ -250,7 +260,7 @@ def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path)
     final = status()
     assert final.state == canary.ABORTED and final.weight == 0
     assert [t["to"] for t in final.transitions].count(canary.PAUSED) == 1
-    assert split(release) == {"stable": 1.0, "fast": 0.0}
+    assert all_on_stable(release)
     assert MlflowClient().get_model_version(MODEL, version).tags["canary"] == "aborted"
 
 

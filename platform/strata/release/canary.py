@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
@@ -249,7 +250,7 @@ class Canary:
         report = json.dumps(self.report())
         self.client.set_model_version_tag(self.cfg.model, self.version, REPORT_TAG, report)
         self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, result)
-        out = paths.resolve(f"canary/{self.cfg.app}-{self.cfg.model}-v{self.version}.json")
+        out = Path(paths.resolve(f"canary/{self.cfg.app}-{self.cfg.model}-v{self.version}.json"))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.report(), indent=2))
 

@@ -201,7 +201,9 @@ class Router:
         except ApiError as err:
             record.status = err.status
             self._finish(record)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+            # A failure after the split chose a variant names it, as a success does: which version failed.
+            chosen = {VARIANT_HEADER: record.variant} if record.variant != "-" else {}
+            return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, **chosen})
         except asyncio.CancelledError:
             record.status = 499  # client closed the request
             self._finish(record)

@@ -126,7 +126,7 @@ class BackgroundTraffic:
                     return
                 body = {"model": self.model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": self.max_tokens}
                 try:
-                    response = http.post(self.url, json=body | {"temperature": 0})
+                    response = http.post(self.url, json=body | {"temperature": 0.7})
                     variant = response.headers.get("x-strata-variant", "-")
                     self.seen.append((variant, response.status_code, time.time()))
                 except httpx.HTTPError as err:
