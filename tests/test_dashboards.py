@@ -157,7 +157,7 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
             variants=variants,
             weights={"stable": 70, "fast": 30},
             tracking_uri=uri,
-            auth={"allow_anonymous": True},
+            auth={"allow_anonymous": True, "requests_per_minute": 1_000_000, "burst": 10_000},
             audit={"path": str(strata_home / "audit.jsonl")},
             router_num_cpus=0,
         )
