@@ -6,7 +6,7 @@ STAMP := $(VENV)/.strata-installed
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench ui clean
+.PHONY: setup demo test lint bench ui clean dashboard-pictures
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check platform jobs serve_apps benchmarks tests
 	$(VENV)/bin/ruff format --check platform jobs serve_apps benchmarks tests
+
+# The README's dashboard pictures, plotted from a live Prometheus by the live dashboards test.
+dashboard-pictures: $(STAMP)
+	STRATA_DASHBOARD_PICTURES=dashboards/pictures $(PY) -m pytest tests/test_dashboards.py -k live_training -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -121,6 +121,9 @@ TRAINING = [
     Panel("Step", "max by (run) (ray_strata_train_step)", "short", "{{run}}"),
     Panel("Tokens per second", "max by (run) (ray_strata_train_tokens_per_second)", "short", "{{run}}"),
     Panel(
+        "MFU (model FLOPs utilisation)", "max by (run) (ray_strata_train_mfu)", "percentunit", "{{run}}", needs="gpu"
+    ),
+    Panel(
         "Checkpoint age", "time() - max by (run) (ray_strata_train_last_checkpoint_timestamp_seconds)", "s", "{{run}}"
     ),
     Panel("Seconds between checkpoints", "max by (run) (ray_strata_train_checkpoint_interval_seconds)", "s", "{{run}}"),

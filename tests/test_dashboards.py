@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,9 @@ DASHBOARDS = ROOT / "dashboards"
 NEEDS_ABSENT_HERE = {"gpu": "this machine has no GPU", "autoscaler": "no autoscaler runs in this test"}
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("dashboards_build", DASHBOARDS / "build.py")
+def load_builder(name: str = "build"):
+    """`dashboards/NAME.py` (not a package: the directory holds what monitoring provisions)."""
+    spec = importlib.util.spec_from_file_location(f"dashboards_{name}", DASHBOARDS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
@@ -239,6 +241,12 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
         text = "\n".join(expr for _, expr, _ in queries())
         families = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in seen}
         assert not [n for n in families if n not in text], families
+
+        pictures = os.environ.get("STRATA_DASHBOARD_PICTURES")  # `make dashboard-pictures`
+        if pictures:
+            render = load_builder("pictures").render
+            for dashboard in ("strata-serving", "strata-training", "strata-moe", "strata-releases"):
+                render(dashboard, url, started, time.time(), Path(pictures))
     finally:
         serve.shutdown()
         prometheus.terminate()

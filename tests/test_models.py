@@ -115,3 +115,23 @@ def test_local_model_directory_works_wherever_a_preset_does(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         ModelConfig(name=str(tmp_path))
     assert ModelConfig(name="Qwen/Qwen3-30B-A3B").name == "Qwen/Qwen3-30B-A3B"  # a hub id passes through
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_active_parameters_count_top_k_experts_from_the_config(preset):
+    """The config-based count (which a DDP, peft or 4-bit wrapping cannot change) equals counting the model's own
+    weights with each layer's experts at top_k / num_experts, embeddings and norms left out."""
+    from strata.models.flops import active_parameters, mfu, training_flops_per_token
+    from strata.models.presets import build_model
+
+    model = build_model(preset, 1024, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, seed=0)
+    config = model.config
+    weights = {n: p.numel() for n, p in model.named_parameters() if "norm" not in n and "embed_tokens" not in n}
+    experts = sum(n for name, n in weights.items() if ".experts." in name)
+    expected = sum(weights.values()) - experts + experts * config.num_experts_per_tok // config.num_experts
+    assert active_parameters(config) == expected
+    assert active_parameters(config) < sum(weights.values())  # the experts not chosen do no work
+
+    flops = training_flops_per_token(config, 128)
+    assert flops == 6 * expected + 12 * config.num_hidden_layers * config.hidden_size * 128
+    assert mfu(1000.0, flops, 1e12, 2) == pytest.approx(1000 * flops / 2e12)

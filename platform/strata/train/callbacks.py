@@ -87,6 +87,7 @@ class PrometheusMetricsCallback(UserCallback):
         "loss": "strata_train_loss",
         "eval_loss": "strata_train_eval_loss",
         "tokens_per_s": "strata_train_tokens_per_second",
+        "mfu": "strata_train_mfu",
         "expert_imbalance": "strata_train_expert_imbalance",
         "router_entropy": "strata_train_router_entropy",
     }

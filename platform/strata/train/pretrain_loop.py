@@ -20,6 +20,7 @@ import torch
 from strata.config import PretrainConfig, dump_config
 from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
 from strata.data.tokenizer import load_tokenizer, stop_token_ids
+from strata.models.flops import mfu, peak_flops, training_flops_per_token
 from strata.models.moe_stats import ExpertLoad, expert_load
 from strata.models.presets import build_model
 from strata.train.state import (
@@ -96,6 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     top_k = getattr(unwrapped_config, "num_experts_per_tok", 0)
     aux_coef = getattr(unwrapped_config, "router_aux_loss_coef", 0.0)
     tokens_per_step = cfg.optim.global_batch_size * data.shape[1]
+    flops_per_token, peak = training_flops_per_token(unwrapped_config, data.shape[1]), peak_flops(device)
 
     def report_checkpoint(metrics: dict, load: ExpertLoad | None = None) -> None:
         def write_rank0(directory: Path) -> None:
@@ -153,6 +155,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "world_size": world_size,
             "grad_accum": grad_accum,
         }
+        if peak:  # a GPU whose peak is known
+            metrics["mfu"] = mfu(metrics["tokens_per_s"], flops_per_token, peak, world_size)
         if load is not None:
             metrics.update(load.summary())
         if checkpoint_due:

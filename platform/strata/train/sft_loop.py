@@ -25,6 +25,7 @@ from strata.config import FinetuneConfig
 from strata.data.packing import GlobalBatchSchedule
 from strata.data.sft import IGNORE_INDEX, SFTExample, collate
 from strata.models.adapters import ADAPTER_DIR, save_trained, trainable_model
+from strata.models.flops import mfu, peak_flops, training_flops_per_token
 from strata.registry import resolve_model
 from strata.train.state import (
     TRAIN_STATE,
@@ -154,7 +155,10 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
 
     model.train()
     preemption = PreemptionGuard(cfg.checkpoint.preemption_check_every_steps)
-    aux_coef = getattr(getattr(model, "module", model).config, "router_aux_loss_coef", 0.0)
+    model_config = getattr(model, "module", model).config
+    aux_coef = getattr(model_config, "router_aux_loss_coef", 0.0)
+    # Sequences are at most max_seq_len long: the attention term is an upper bound, so MFU is at most slightly high.
+    flops_per_token, peak = training_flops_per_token(model_config, cfg.data.max_seq_len), peak_flops(device)
     micro = cfg.optim.micro_batch_size
     window_start, window_tokens = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
@@ -192,6 +196,8 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
             "tokens_per_s": window_tokens / (now - window_start),
             "peak_memory_mb": peak_memory_mb(device),
         }
+        if peak:  # a GPU whose peak is known
+            metrics["mfu"] = mfu(metrics["tokens_per_s"], flops_per_token, peak, world_size)
         if checkpoint_due:
             eval_loss = evaluate(model, evaluation, rank, world_size, cfg.optim.micro_batch_size, pad_id, device)
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
