@@ -156,6 +156,6 @@ def history_table(model: str, history: list[HistoryEvent]) -> Table:
         gates = "; ".join(notes) or ("passed" if e.gates else "")
         style = {"refused": "red", "forced": "yellow", "rollback": "cyan"}.get(e.kind, "")
         move = f"{e.from_version or '-'} -> {e.to_version or '-'}"
-        row = (str(e.seq), e.at, e.actor, e.alias, move, e.kind, e.status, e.reason, gates)
+        row = (str(e.seq), e.at.replace("T", " ")[:19], e.actor, e.alias, move, e.kind, e.status, e.reason, gates)
         table.add_row(*map(escape, row), style=style)
     return table
