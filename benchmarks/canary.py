@@ -80,7 +80,8 @@ def deploy_candidate(dashboard: str, port: int, version: str, uri: str, home: Pa
     deploy.wait_until_running(dashboard, APP)
 
 
-def run_canary(cfg: CanaryConfig, url: str, clients: int) -> tuple[canary.CanaryStatus, BackgroundTraffic, float]:
+def run_canary(cfg: CanaryConfig, url: str, clients: int):
+    """(status, traffic, seconds the canary ran, when the router served the rolled-back split)."""
     with BackgroundTraffic(f"{url}/v1", KEY, MODEL, clients=clients) as traffic:
         started = time.time()
         status = canary.run_canary(cfg, log=lambda line: None)
@@ -88,7 +89,7 @@ def run_canary(cfg: CanaryConfig, url: str, clients: int) -> tuple[canary.Canary
         while status.state != canary.SUCCEEDED and httpx.get(f"{url}/health").json()["split"].get("fast", 0) > 0:
             time.sleep(0.05)
         ended = time.time()
-    return status, traffic, ended - started
+    return status, traffic, ended - started, ended
 
 
 def main() -> int:
@@ -124,10 +125,10 @@ def main() -> int:
 
     with console.status("a good candidate through every step, then promoted"):
         deploy_candidate(dashboard, port, register(base, eval_loss=1.9), uri, home)
-        good, good_traffic, good_seconds = run_canary(cfg, url, args.clients)
+        good, good_traffic, good_seconds, _ = run_canary(cfg, url, args.clients)
     with console.status("a broken candidate, rolled back at the first step"):
         deploy_candidate(dashboard, port, register(broken, eval_loss=1.9), uri, home)
-        bad, bad_traffic, bad_seconds = run_canary(cfg, url, args.clients)
+        bad, bad_traffic, bad_seconds, split_back_at = run_canary(cfg, url, args.clients)
     serve.shutdown()
     ray.shutdown()
 
@@ -155,7 +156,8 @@ def main() -> int:
             "failed": len(failed),
             "failed_on_stable": bad_traffic.failures().get("stable", 0),
             "seconds_first_error_to_rollback": round(rolled_back_at - first_error, 2),
-            "rollback_in_bake_windows": round((rolled_back_at - first_error) / args.bake_s, 3),
+            "seconds_first_error_to_router_on_stable": round(split_back_at - first_error, 2),
+            "rollback_in_bake_windows": round((split_back_at - first_error) / args.bake_s, 3),
             "budget_one_bake_at_first_step": round(budget, 1),
             "failed_vs_budget": round(len(failed) / budget, 3) if budget else None,
             "target_failed_vs_budget": 1.0,
@@ -174,6 +176,7 @@ def main() -> int:
     table.add_row("good canary", f"{good.state} in {good_seconds:.0f}s, {result['good']['failed']} failed requests")
     table.add_row("bad canary", f"{bad.state}: {bad.reason}")
     table.add_row("first error -> rollback", f"{rolled_back_at - first_error:.2f}s")
+    table.add_row("first error -> router all on stable", f"{split_back_at - first_error:.2f}s")
     table.add_row("failed (bad canary)", f"{len(failed)} of {len(bad_traffic.seen)}, budget {budget:.1f}")
     table.add_row("targets met", str(result["targets_met"]))
     console.print(table)

@@ -202,9 +202,10 @@ CLUSTER = [
 RELEASES = [
     Panel("Canary state", "max by (app, state) (ray_strata_canary_state) > 0", "short", "{{app}}: {{state}}"),
     Panel("Traffic to the candidate", "max by (app) (ray_strata_canary_weight)", "percent", "{{app}}"),
+    # Cumulative, not increase(): a transition's series appears at 1, which increase() cannot see.
     Panel(
-        "Canary transitions (1h)",
-        "sum by (app, to) (increase(ray_strata_canary_transitions_total[1h]))",
+        "Canary transitions (since the exporter started)",
+        "sum by (app, to) (ray_strata_canary_transitions_total)",
         "short",
         "{{app}} -> {{to}}",
     ),
@@ -230,9 +231,12 @@ RELEASE_ANNOTATIONS = [
         "datasource": DATASOURCE,
         "enable": True,
         "iconColor": "orange",
-        "expr": "sum by (app, to) (increase(ray_strata_canary_transitions_total[1m])) > 0",
-        "titleFormat": "canary {{app}} -> {{to}}",
-        "tagKeys": "app,to",
+        # The one-hot state gauge turning 1: every series exists from the canary's first update, so changes() sees
+        # each later transition (a counter's first increment would be invisible to increase()).
+        "expr": "(max by (app, state) (changes(ray_strata_canary_state[1m])) > 0) "
+        "and max by (app, state) (ray_strata_canary_state) == 1",
+        "titleFormat": "canary {{app}} -> {{state}}",
+        "tagKeys": "app,state",
         "step": "30s",
     }
 ]

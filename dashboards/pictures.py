@@ -57,7 +57,7 @@ def render(dashboard: str, prometheus_url: str, start: float, end: float, out_di
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     figure.suptitle(f"{spec['title']} (from a live Prometheus, {datetime.fromtimestamp(end):%Y-%m-%d %H:%M})")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{dashboard}.png"
     figure.savefig(out, dpi=80)

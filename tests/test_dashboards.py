@@ -246,7 +246,7 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
         if pictures:
             render = load_builder("pictures").render
             for dashboard in ("strata-serving", "strata-training", "strata-moe", "strata-releases"):
-                render(dashboard, url, started, time.time(), Path(pictures))
+                render(dashboard, url, started, time.time(), ROOT / pictures)  # relative: to the checkout
     finally:
         serve.shutdown()
         prometheus.terminate()
