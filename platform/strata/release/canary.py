@@ -32,7 +32,7 @@ from rich.table import Table
 
 from strata import paths, tracking
 from strata.config.canary import CanaryConfig, CanaryThresholds
-from strata.release import promotion
+from strata.release import history, promotion
 from strata.serve import deploy, windows
 
 STATUS_TAG = "strata.canary.status"  # JSON: the state machine's position
@@ -342,8 +342,10 @@ class Canary:
             return self.finish("passed")
         self.client.set_model_version_tag(self.cfg.model, self.version, REPORT_TAG, json.dumps(self.report()))
         self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, "passed")
+        already = history.alias_version(self.client, self.cfg.model, "stable") == self.version  # a restart
         try:
-            promotion.promote(self.cfg.model, self.version, "stable", reason=self.cfg.reason)
+            if not already:
+                promotion.promote(self.cfg.model, self.version, "stable", reason=self.cfg.reason)
         except promotion.ReleaseError as refused:  # a gate failed, or another promotion of stable is under way
             return self.roll_back(ROLLED_BACK, f"promotion refused: {refused}")
         self.redeploy_stable()
