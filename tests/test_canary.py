@@ -222,7 +222,7 @@ def wait_for(predicate, timeout_s: float = 120, what: str = "") -> None:
 
 
 @pytest.mark.slow
-def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path):
+def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from strata.cli import main
@@ -262,6 +262,9 @@ def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path)
     assert [t["to"] for t in final.transitions].count(canary.PAUSED) == 1
     assert all_on_stable(release)
     assert MlflowClient().get_model_version(MODEL, version).tags["canary"] == "aborted"
+    assert main(["canary", "status", "--model", MODEL]) == 0  # from any shell: where the last canary stands
+    shown = " ".join(capsys.readouterr().err.split())
+    assert f"canary {MODEL} v{version}" in shown and "Aborted" in shown and "aborted by command" in shown
 
 
 def test_canary_config_errors_name_the_field(tmp_path, capsys):
