@@ -25,8 +25,9 @@ def cmd_canary(args: argparse.Namespace) -> int:
             raise ConfigError(f"--model: `strata canary {args.action}` needs the registered model's name")
         tracking.use_store()
         try:
-            status = canary.latest_canary(args.model) if args.action == "status" else None
-            if args.action != "status":
+            if args.action == "status":
+                status = canary.latest_canary(args.model)
+            else:
                 status = canary.send_command(args.model, args.action)
                 console.print(f"sent {args.action} to the canary of {args.model} v{status.version}")
         except ValueError as err:
@@ -61,16 +62,11 @@ def release_command(call) -> int:
     tracking.use_store()
     try:
         return call(release)
-    except release.BadTarget as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 2
-    except release.PromotionRefused as err:
-        console.print(release.gates_table(err.promotion))
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 1
     except release.ReleaseError as err:
+        if isinstance(err, release.PromotionRefused):
+            console.print(release.gates_table(err.promotion))
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 1
+        return 2 if isinstance(err, release.BadTarget) else 1
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -112,11 +108,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    def show(release) -> int:
+    def print_history(release) -> int:
         console.print(release.history_table(args.model, release.release_history(args.model)))
         return 0
 
-    return release_command(show)
+    return release_command(print_history)
 
 
 def add_commands(sub) -> None:

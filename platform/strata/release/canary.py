@@ -211,9 +211,8 @@ class Canary:
         self.version = version_of(self.variants[cfg.candidate_variant], cfg.model)
         self.source = metrics_source(cfg)
         self.exporter = metrics_actor()
-        self.status = read_status(self.client, cfg.model, self.version) or CanaryStatus(
-            cfg.model, self.version, cfg.app
-        )
+        recorded = read_status(self.client, cfg.model, self.version)  # a restarted canary goes on from here
+        self.status = recorded or CanaryStatus(cfg.model, self.version, cfg.app)
 
     # -- transitions ---------------------------------------------------------------------------------------------
 
@@ -247,12 +246,12 @@ class Canary:
         self.finish("failed" if state == ROLLED_BACK else "aborted")
 
     def finish(self, result: str) -> None:
-        report = json.dumps(self.report())
-        self.client.set_model_version_tag(self.cfg.model, self.version, REPORT_TAG, report)
+        report = self.report()
+        self.client.set_model_version_tag(self.cfg.model, self.version, REPORT_TAG, json.dumps(report))
         self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, result)
         out = Path(paths.resolve(f"canary/{self.cfg.app}-{self.cfg.model}-v{self.version}.json"))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(self.report(), indent=2))
+        out.write_text(json.dumps(report, indent=2))
 
     def save(self) -> None:
         self.client.set_model_version_tag(self.cfg.model, self.version, STATUS_TAG, json.dumps(asdict(self.status)))
@@ -388,15 +387,18 @@ def version_of(model_uri: str, model: str) -> str:
     return version
 
 
-def read_status(client: MlflowClient, model: str, version: str) -> CanaryStatus | None:
-    raw = client.get_model_version(model, version).tags.get(STATUS_TAG)
+def status_from_tags(tags: dict[str, str]) -> CanaryStatus | None:
+    raw = tags.get(STATUS_TAG)
     return CanaryStatus(**json.loads(raw)) if raw else None
 
 
+def read_status(client: MlflowClient, model: str, version: str) -> CanaryStatus | None:
+    return status_from_tags(client.get_model_version(model, version).tags)
+
+
 def latest_canary(model: str) -> CanaryStatus | None:
-    """The most recently started canary of `model`, from the registry."""
-    client = MlflowClient()
-    found = [read_status(client, model, v.version) for v in client.search_model_versions(f"name = '{model}'")]
+    """The most recently started canary of `model`, from the registry (one search: versions come with their tags)."""
+    found = [status_from_tags(v.tags) for v in MlflowClient().search_model_versions(f"name = '{model}'")]
     found = [s for s in found if s]
     return max(found, key=lambda s: s.started_at) if found else None
 
