@@ -29,7 +29,7 @@ KEYS = {"main": "sk-main-0123456789", "other": "sk-other-0123456789", "limited":
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tiny_base, tmp_path_factory):
+def served(ray_session, tiny_base, module_home):
     """Two registered versions (`stable` = the tiny base, `fast` = another initialisation) behind the router."""
     import ray
     from ray import serve
@@ -40,11 +40,7 @@ def served(ray_session, tiny_base, tmp_path_factory):
     from strata.serve import deploy
     from strata.serve.auth import key_id
 
-    home = tmp_path_factory.mktemp("serve-home")
-    saved_env = {k: os.environ.get(k) for k in ("STRATA_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ["STRATA_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    home = module_home
     uri = tracking.use_store()
 
     other = home / "tiny-other"
@@ -90,11 +86,6 @@ def served(ray_session, tiny_base, tmp_path_factory):
         "config": config,
     }
     serve.shutdown()
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def torch_generator(seed: int):
