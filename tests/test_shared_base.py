@@ -73,3 +73,50 @@ def test_a_replica_group_needs_one_set_of_replica_settings():
     ]
     with pytest.raises(ValueError, match="'a' and 'b' share replica_group 'g' but differ in num_cpus"):
         ServeConfig(model_name="m", variants=variants)
+
+
+def register_fine_tune(tiny_base, adapter_dir, method: str) -> str:
+    """A base version and a fine-tune of it, tagged and logged as `strata finetune` does (the adapter as an
+    artifact of the run that registered it); the fine-tune's registered model is a copy of the base: only its
+    tags and its run's adapter are read."""
+    import mlflow
+
+    from strata import registry, tracking
+
+    tracking.use_store()
+    with tracking.start_run("shared-base", f"base-{method}", {}):
+        base = registry.log_model(tiny_base, "tiny")
+    tags = {"strata.job": "finetune", "strata.method": method, "base_model": "tiny", "base_model_version": base.version}
+    with tracking.start_run("shared-base", f"tune-{method}", {}, tags=tags):
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        tuned = registry.log_model(tiny_base, "tiny", tags=tags)
+    return f"models:/tiny/{tuned.version}", f"models:/tiny/{base.version}"
+
+
+def test_a_registered_lora_fine_tune_shares_its_recorded_base_and_a_qlora_one_is_refused(
+    tiny_base, adapters, strata_home
+):
+    tuned, base = register_fine_tune(tiny_base, adapters["a"], "lora")
+    shared = SharedBase(
+        [
+            VariantConfig(name="tuned", model=tuned, replica_group="g"),
+            VariantConfig(name="stable", model=base, replica_group="g"),
+        ]
+    )
+    assert shared.adapter_of == {"tuned": "tuned", "stable": "__base__"}
+    assert shared.info["tuned"]["base"] == base and shared.info["tuned"]["adapter"].endswith("/adapter")
+    engine = Engine(shared.model, shared.tokenizer)
+    collector = Collector()
+    engine.submit(
+        shared.tokenizer.encode(PROMPTS[0], add_special_tokens=False), SamplingParams(12, 0.0), collector, "tuned"
+    )
+    with torch.inference_mode():
+        while not collector.done.is_set():
+            engine.step()
+    merged = merged_model(str(tiny_base), "lora", str(adapters["a"])).eval()
+    merged.config.output_router_logits = False
+    assert collector.text == reference(merged, shared.tokenizer, PROMPTS[0], 12)
+
+    qlora, _ = register_fine_tune(tiny_base, adapters["b"], "qlora")
+    with pytest.raises(ValueError, match="variant 'q'.*qlora fine-tune"):
+        SharedBase([VariantConfig(name="q", model=qlora, replica_group="g")])
