@@ -204,7 +204,8 @@ class ModelServer:
         if self.shared and not refusal:
             adapter = self.shared.adapter_of.get(request.get("variant"))
             if adapter is None:
-                refusal = {"error": f"this replica group serves no variant {request.get('variant')!r}", "status": 404}
+                missing = f"this replica group serves no variant {request.get('variant')!r}"
+                refusal = {"error": missing, "status": 404, "code": "model_not_found"}
         if refusal:
             yield refusal
             return

@@ -7,6 +7,9 @@ row; `__base__` for the base's own rows). Only plain LoRA on `nn.Linear` layers 
 mixed batches for `target_parameters` (its ParamWrapper on the fused experts), and a QLoRA fine-tune's merged export
 folds its adapter into the *dequantised* 4-bit base, a different model from this base plus the adapter. Such variants
 are refused with an error that says so: serve them on their own replicas (no `replica_group`).
+A hand-written mixed LoRA (each layer's adapters stacked, one gathered `bmm` per layer for the whole batch) measured
+no faster than peft's on the `small` preset at 32 rows (36.9 vs 36.8 ms a decode step, 2 CPU threads), so peft's is
+the one used.
 """
 
 from __future__ import annotations
