@@ -558,6 +558,76 @@ def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_sca
         serve.delete("tuned")
 
 
+@pytest.mark.slow
+def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served, tmp_path):
+    """A 50/50 split of two LoRA adapters of one registered base, both served by one replica (a replica group): under
+    concurrent mixed traffic each variant answers as its merged model does, greedy, token for token. A third adapter
+    added to the running group is served by the same replica, which never restarts."""
+    from lora_adapters import make_adapter
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from strata.config import ServeConfig
+    from strata.models.adapters import merged_model
+    from strata.registry import generate_text
+    from strata.serve import deploy
+    from strata.serve.replica_groups import add_group_variant
+
+    base_dir = served["stable_dir"]
+    adapters = {name: make_adapter(base_dir, tmp_path / name, seed) for seed, name in enumerate(("a", "b", "c"), 1)}
+    shared = {"model": f"models:/{MODEL}/1", "replica_group": "lora", "num_cpus": 0.25}
+    shared["engine"] = {"max_batch_size": 16, "stream_interval_s": 0.0}
+    base = served["config"]
+    config = ServeConfig(
+        model_name="strata-lora",
+        variants=[{"name": n, "adapter": str(adapters[n]), **shared} for n in ("a", "b")],
+        weights={"a": 50, "b": 50},
+        tracking_uri=base.tracking_uri,
+        auth=base.auth,
+        audit=base.audit,
+        router_num_cpus=0.1,
+    )
+    prompts = ["def main(args):\n", "import os\n", "class Parser:\n", "x = 1"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    expected = {}
+    for name, adapter in adapters.items():
+        merged = merged_model(str(base_dir), "lora", str(adapter)).eval()
+        merged.config.output_router_logits = False
+        expected |= {(name, p): generate_text(merged, tokenizer, p, 10) for p in prompts}
+    assert len({expected[(n, prompts[0])] for n in adapters}) == 3, "the adapters are too alike to tell apart"
+
+    deploy.deploy_application(served["dashboard"], deploy.application(config, "lora", "/lora"))
+    try:
+        deploy.wait_until_running(served["dashboard"], "lora", timeout_s=300)
+        assert set(serve.status().applications["lora"].deployments) == {"Router", "group-lora"}
+        group = serve.get_deployment_handle("group-lora", app_name="lora")
+        pid = group.stats.remote().result()["pid"]
+        url = served["url"] + "/lora/v1/completions"
+        bodies = [
+            {"model": "strata-lora", "prompt": p, "max_tokens": 10, "temperature": 0, "user": f"user-{i}"}
+            for i in range(12)
+            for p in prompts
+        ]
+        responses = asyncio.run(_send(url, bodies, concurrency=12))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        served_by = [r.headers["x-strata-variant"] for r in responses]
+        assert set(served_by) == {"a", "b"}
+        for body, variant, response in zip(bodies, served_by, responses, strict=True):
+            assert response.json()["choices"][0]["text"] == expected[(variant, body["prompt"])], (variant, body)
+
+        add_group_variant(served["dashboard"], "lora", "lora", "c", weight=0, adapter=str(adapters["c"]))
+        body = {"model": "strata-lora:c", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
+        deadline = time.monotonic() + 120
+        while (reply := httpx.post(url, json=body, headers=auth(), timeout=60)).status_code == 404:
+            assert time.monotonic() < deadline, "the added variant was never served"
+            time.sleep(1)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected[("c", prompts[0])]
+        assert group.stats.remote().result()["pid"] == pid, "the replica restarted"
+    finally:
+        serve.delete("lora")
+
+
 def test_checked_in_ab_config_is_valid():
     from strata.config import ServeConfig
     from strata.serve.routing import Split

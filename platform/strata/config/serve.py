@@ -79,6 +79,38 @@ class VariantConfig(StrictModel):
         "declares them (cluster/aws.yaml); leave empty on a laptop.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    replica_group: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Variants naming the same group share its replicas: the base loaded once, each variant's LoRA "
+        "adapter (`adapter`, or the one a registered fine-tune records) beside it, all of them decoded in one batch. "
+        "They need one base and the same replica settings (REPLICA_SETTINGS).",
+    )
+
+
+# What a replica group's members must agree on: they run in the same replicas.
+REPLICA_SETTINGS = ("num_replicas", "autoscaling", "num_cpus", "num_gpus", "resources", "engine")
+
+
+def replica_groups(variants: list[VariantConfig]) -> dict[str, list[VariantConfig]]:
+    """The variants of each replica group, in config order; the config's first member sets the replica."""
+    groups: dict[str, list[VariantConfig]] = {}
+    for variant in variants:
+        if variant.replica_group:
+            groups.setdefault(variant.replica_group, []).append(variant)
+    return groups
+
+
+def check_replica_group(members: list[VariantConfig]) -> None:
+    """Members of a group run in the same replicas, so they must ask for the same ones."""
+    first = members[0]
+    for member in members[1:]:
+        for setting in REPLICA_SETTINGS:
+            if getattr(member, setting) != getattr(first, setting):
+                raise ValueError(
+                    f"variants {first.name!r} and {member.name!r} share replica_group {first.replica_group!r} but "
+                    f"differ in {setting}: {getattr(first, setting)!r} vs {getattr(member, setting)!r}"
+                )
 
 
 class RateLimit(StrictModel):
@@ -152,6 +184,8 @@ class ServeConfig(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
         validate_weights(self.initial_weights, names)
+        for members in replica_groups(self.variants).values():
+            check_replica_group(members)
         return self
 
     @model_validator(mode="after")

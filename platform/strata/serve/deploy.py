@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from strata import paths, tracking
-from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig
+from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig, replica_groups
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
 from strata.serve.routing import Split
 
@@ -146,14 +146,19 @@ def variants_from_aliases(model_name: str, aliases: list[str], **variant_options
 
 
 def application(config: ServeConfig, name: str = "strata", route_prefix: str = "/") -> dict[str, Any]:
-    """One `applications:` entry of a `serve deploy` config; the split goes to the router's user_config."""
+    """One `applications:` entry of a `serve deploy` config; the split goes to the router's user_config, each replica
+    group's members to its deployment's (`replica_groups.add_group_variant` adds to both, restarting nothing)."""
     args = config.model_dump(exclude_defaults=True)
+    groups = [
+        {"name": f"group-{group}", "user_config": {"variants": [m.model_dump(mode="json") for m in members]}}
+        for group, members in replica_groups(config.variants).items()
+    ]
     return {
         "name": name,
         "route_prefix": route_prefix,
         "import_path": IMPORT_PATH,
         "args": args,
-        "deployments": [{"name": ROUTER, "user_config": {"weights": config.initial_weights}}],
+        "deployments": [{"name": ROUTER, "user_config": {"weights": config.initial_weights}}, *groups],
     }
 
 
@@ -200,9 +205,10 @@ def required_resources(config: ServeConfig) -> dict[str, dict[str, float]]:
     """Per deployment, what the application holds once it runs: replicas x resources per replica (the minimum
     replicas of an autoscaled variant). Serve's controller and proxies hold no CPU."""
     needed = {ROUTER: {"replicas": config.router_replicas, "CPU": config.router_num_cpus, "GPU": 0.0}}
-    for variant in config.variants:
+    for variant in config.variants:  # a replica group's replicas, once: what its first member asks for
         replicas = variant.autoscaling.min_replicas if variant.autoscaling else variant.num_replicas
-        needed[f"model-{variant.name}"] = {"replicas": replicas, "CPU": variant.num_cpus, "GPU": variant.num_gpus}
+        name = f"group-{variant.replica_group}" if variant.replica_group else f"model-{variant.name}"
+        needed.setdefault(name, {"replicas": replicas, "CPU": variant.num_cpus, "GPU": variant.num_gpus})
     return needed
 
 
@@ -254,10 +260,12 @@ def set_weights(dashboard_url: str, app: str, weights: dict[str, float]) -> dict
     if not entries:
         raise ValueError(f"no application {app!r} is deployed; there are {[a['name'] for a in config['applications']]}")
     [entry] = entries
-    Split(weights, [v["name"] for v in entry["args"]["variants"]])  # refuse bad weights before Serve sees them
     deployments = [d for d in entry.get("deployments", []) if d["name"] != ROUTER]
     router = next((d for d in entry.get("deployments", []) if d["name"] == ROUTER), {"name": ROUTER})
-    entry["deployments"] = [*deployments, {**router, "user_config": {"weights": weights}}]
+    live = router.get("user_config", {})  # also the variants added to running replica groups, if any
+    names = [v["name"] for v in [*entry["args"]["variants"], *live.get("variants", [])]]
+    Split(weights, names)  # refuse bad weights before Serve sees them
+    entry["deployments"] = [*deployments, {**router, "user_config": {**live, "weights": weights}}]
     deploy(dashboard_url, config)
     return config
 
