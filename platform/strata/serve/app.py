@@ -6,11 +6,14 @@ from ray import serve
 
 from strata.config import ServeConfig
 from strata.serve.model_server import ModelServer
+from strata.serve.precision import check_precisions
 from strata.serve.router import Router
 
 
 def build_application(config: ServeConfig, tracking_uri: str | None = None) -> serve.Application:
-    """The A/B application: a ModelServer deployment per variant behind one Router."""
+    """The A/B application: a ModelServer deployment per variant behind one Router. A precision a replica could not
+    load is refused here, before any replica starts."""
+    check_precisions(config)
     variants = {}
     for variant in config.variants:
         scaling = (
