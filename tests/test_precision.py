@@ -23,14 +23,22 @@ def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_with_native_bf16():
     assert resolve_precision("float32", torch.device("cuda")).dtype == torch.float32
 
 
-def greedy(model, max_tokens: int = 16) -> list[list[int]]:
+def greedy(model, max_tokens: int = 16) -> list[torch.Tensor]:
+    """Each prompt with its greedy continuation."""
     with torch.inference_mode():
-        return [
-            model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)[
-                0, len(ids) :
-            ].tolist()
-            for ids in PROMPTS
-        ]
+        return [model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0] for ids in PROMPTS]
+
+
+def agreement(model, sequences: list[torch.Tensor]) -> float:
+    """The share of the reference's greedy tokens that `model` picks too, given the same text before each: a
+    random model's near-flat logits make free-running paths part at the first near-tie, and never meet again."""
+    agree = total = 0
+    with torch.inference_mode():
+        for ids, sequence in zip(PROMPTS, sequences, strict=True):
+            picks = model(sequence[None, :-1]).logits[0, len(ids) - 1 :].argmax(-1)
+            agree += int((picks == sequence[len(ids) :]).sum())
+            total += len(sequence) - len(ids)
+    return agree / total
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -48,11 +56,9 @@ def test_bf16_and_int8_replicas_agree_with_fp32_on_most_greedy_tokens(tiny_base)
 
     fp32 = load("float32")
     reference = greedy(fp32)
+    assert agreement(fp32, reference) == 1.0
     for model in (load("bfloat16"), load("bfloat16", "int8")):
-        tokens = greedy(model)
-        pairs = zip(sum(tokens, []), sum(reference, []), strict=True)
-        agree = sum(a == b for a, b in pairs)
-        assert agree >= 0.75 * sum(map(len, reference)), (tokens, reference)
+        assert agreement(model, reference) >= 0.9
     # int8 holds the linear layers and experts in a byte per weight; the embeddings and output head stay bf16
     assert weight_bytes(model) < 0.45 * weight_bytes(fp32)
 
