@@ -66,8 +66,10 @@ TARGET_ROUTER_MS = 2.0
 API_KEY = "sk-bench-0123456789abcdef"
 
 
-async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """`concurrency` streaming clients, each sending its share of `prompts` one after another."""
+async def strata_clients(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str = "bench:stable"
+) -> dict[str, Any]:
+    """`concurrency` streaming clients, each sending its share of `prompts` one after another to `model`."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     ttfts: list[float] = []
     tokens = 0
@@ -76,7 +78,7 @@ async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tok
         nonlocal tokens
         for prompt in mine:
             body = {
-                "model": "bench:stable",
+                "model": model,
                 "prompt": prompt,
                 "max_tokens": max_tokens,
                 "temperature": 0,
