@@ -74,10 +74,11 @@ def train(model_dir: Path, sequences: np.ndarray, steps: int, console: Console) 
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Parameters and buffers as stored, plus bitsandbytes' per-block nf4 scales (held beside the packed weights)."""
+    """The bytes of every parameter's and buffer's storage, each counted once (the quantised experts leave a
+    one-element placeholder seen at full shape), plus bitsandbytes' nf4 scales held beside its packed weights."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.quant_state.absmax for p in model.parameters() if getattr(p, "quant_state", None) is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 @torch.inference_mode()
