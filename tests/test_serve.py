@@ -57,7 +57,8 @@ def served(ray_session, tiny_base, module_home):
 
     keys_file = home / "keys.txt"
     keys_file.write_text("# test keys\n" + "\n".join(KEYS.values()) + "\n")
-    engine = EngineSettings(max_batch_size=16, max_tokens_limit=480, stream_interval_s=0.0)
+    # fp32: replies are compared token for token with an fp32 `generate` in this process
+    engine = EngineSettings(max_batch_size=16, max_tokens_limit=480, stream_interval_s=0.0, dtype="float32")
     config = ServeConfig(
         model_name=MODEL,
         variants=deploy.variants_from_aliases(MODEL, ["stable", "fast"], num_cpus=0.5, engine=engine),
@@ -126,6 +127,8 @@ def test_openai_client_completions_chat_and_streaming(served):
     assert raw.headers["x-strata-variant"] == "stable"
     assert completion.model == f"{MODEL}:stable"
     assert completion.choices[0].text == reference(served["stable_dir"], prompt, 12)
+    info = model_stats("stable")["info"]
+    assert (info["dtype"], info["quantization"]) == ("float32", "none") and "engine settings" in info["dtype_reason"]
     assert completion.usage.prompt_tokens > 0 and 0 < completion.usage.completion_tokens <= 12
 
     streamed = api.completions.create(
@@ -498,7 +501,10 @@ def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_sca
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
     autoscaling |= {"upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2}
     variant = {"name": "tuned", "model": f"models:/{MODEL}/1", "adapter": str(tmp_path), "num_cpus": 0.1}
-    variant |= {"autoscaling": autoscaling, "engine": {"max_batch_size": 4, "stream_interval_s": 0.0}}
+    variant |= {
+        "autoscaling": autoscaling,
+        "engine": {"max_batch_size": 4, "stream_interval_s": 0.0, "dtype": "float32"},
+    }
     base = served["config"]
     config = ServeConfig(
         model_name="strata-tuned",
@@ -576,7 +582,7 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
     base_dir = served["stable_dir"]
     adapters = {name: make_adapter(base_dir, tmp_path / name, seed) for seed, name in enumerate(("a", "b", "c"), 1)}
     shared = {"model": f"models:/{MODEL}/1", "replica_group": "lora", "num_cpus": 0.25}
-    shared["engine"] = {"max_batch_size": 16, "stream_interval_s": 0.0}
+    shared["engine"] = {"max_batch_size": 16, "stream_interval_s": 0.0, "dtype": "float32"}  # as the references
     base = served["config"]
     config = ServeConfig(
         model_name="strata-lora",

@@ -8,11 +8,12 @@ from lora_adapters import make_adapter
 from test_engine import Collector, reference
 from transformers import AutoModelForCausalLM
 
-from strata.config import ServeConfig, VariantConfig
+from strata.config import EngineSettings, ServeConfig, VariantConfig
 from strata.models.adapters import merged_model
 from strata.serve.engine import Engine, SamplingParams
 from strata.serve.shared_base import SharedBase
 
+FP32 = EngineSettings(dtype="float32")  # compared token for token with fp32 references
 PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __init__(self, text):\n", "x = 1"]
 
 
@@ -24,9 +25,9 @@ def adapters(tiny_base, tmp_path_factory):
 
 def group(tiny_base, adapters) -> list[VariantConfig]:
     return [
-        VariantConfig(name="a", model=str(tiny_base), adapter=str(adapters["a"]), replica_group="g"),
-        VariantConfig(name="base", model=str(tiny_base), replica_group="g"),
-        VariantConfig(name="b", model=str(tiny_base), adapter=str(adapters["b"]), replica_group="g"),
+        VariantConfig(name="a", model=str(tiny_base), adapter=str(adapters["a"]), replica_group="g", engine=FP32),
+        VariantConfig(name="base", model=str(tiny_base), replica_group="g", engine=FP32),
+        VariantConfig(name="b", model=str(tiny_base), adapter=str(adapters["b"]), replica_group="g", engine=FP32),
     ]
 
 
@@ -59,14 +60,17 @@ def test_adapters_peft_cannot_mix_are_refused_naming_the_variant(tiny_base, tmp_
     experts = make_adapter(
         tiny_base, tmp_path / "experts", 3, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]
     )
-    variants = [VariantConfig(name="moe", model=str(tiny_base), adapter=str(experts), replica_group="g")]
+    variants = [VariantConfig(name="moe", model=str(tiny_base), adapter=str(experts), replica_group="g", engine=FP32)]
     with pytest.raises(ValueError, match="variant 'moe'.*target_parameters"):
         SharedBase(variants)
     with pytest.raises(ValueError, match="replica group 'g' has no adapter"):
-        SharedBase([VariantConfig(name="base", model=str(tiny_base), replica_group="g")])
+        SharedBase([VariantConfig(name="base", model=str(tiny_base), replica_group="g", engine=FP32)])
 
 
-def test_a_replica_group_needs_one_set_of_replica_settings():
+def test_a_replica_group_needs_one_set_of_unquantised_replica_settings():
+    quantized = {"name": "a", "model": "m", "replica_group": "g", "engine": {"quantization": "int8"}}
+    with pytest.raises(ValueError, match="variant 'a': engine.quantization int8 with replica_group 'g'"):
+        ServeConfig(model_name="m", variants=[quantized])
     variants = [
         {"name": "a", "model": "m", "adapter": "x", "replica_group": "g"},
         {"name": "b", "model": "m", "adapter": "y", "replica_group": "g", "num_cpus": 1},
@@ -93,14 +97,12 @@ def register_fine_tune(tiny_base, adapter_dir, method: str) -> str:
     return f"models:/tiny/{tuned.version}", f"models:/tiny/{base.version}"
 
 
-def test_a_registered_lora_fine_tune_shares_its_recorded_base_and_a_qlora_one_is_refused(
-    tiny_base, adapters, strata_home
-):
+def test_registered_lora_and_qlora_fine_tunes_share_their_recorded_base(tiny_base, adapters, strata_home):
     tuned, base = register_fine_tune(tiny_base, adapters["a"], "lora")
     shared = SharedBase(
         [
-            VariantConfig(name="tuned", model=tuned, replica_group="g"),
-            VariantConfig(name="stable", model=base, replica_group="g"),
+            VariantConfig(name="tuned", model=tuned, replica_group="g", engine=FP32),
+            VariantConfig(name="stable", model=base, replica_group="g", engine=FP32),
         ]
     )
     assert shared.adapter_of == {"tuned": "tuned", "stable": "__base__"}
@@ -117,6 +119,7 @@ def test_a_registered_lora_fine_tune_shares_its_recorded_base_and_a_qlora_one_is
     merged.config.output_router_logits = False
     assert collector.text == reference(merged, shared.tokenizer, PROMPTS[0], 12)
 
-    qlora, _ = register_fine_tune(tiny_base, adapters["b"], "qlora")
-    with pytest.raises(ValueError, match="variant 'q'.*qlora fine-tune"):
-        SharedBase([VariantConfig(name="q", model=qlora, replica_group="g")])
+    qlora, qlora_base = register_fine_tune(tiny_base, adapters["b"], "qlora")  # on the base it was quantised from
+    shared = SharedBase([VariantConfig(name="q", model=qlora, replica_group="g", engine=FP32)])
+    assert shared.adapter_of == {"q": "q"} and shared.info["q"]["method"] == "qlora"
+    assert shared.info["q"]["base"] == qlora_base

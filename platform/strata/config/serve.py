@@ -45,7 +45,16 @@ class EngineSettings(StrictModel):
     )
     kv_cache_gb: float = Field(2.0, gt=0, description="Memory (GiB) the default kv_cache_tokens is sized for.")
     torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32; decided when "
+        "the replica loads, logged and reported in its stats. float16 needs a GPU.",
+    )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Weight-only quantisation of the linear layers and MoE experts (not the output head); they "
+        "compute in `dtype`. nf4 needs bitsandbytes.",
+    )
 
 
 class AutoscalingSettings(StrictModel):
@@ -86,6 +95,25 @@ class VariantConfig(StrictModel):
         "adapter (`adapter`, or the one a registered fine-tune records) beside it, all of them decoded in one batch. "
         "They need one base and the same replica settings (REPLICA_SETTINGS).",
     )
+
+    @model_validator(mode="after")
+    def _group_unquantised(self) -> VariantConfig:
+        if self.replica_group and self.engine.quantization != "none":
+            raise ValueError(
+                f"variant {self.name!r}: engine.quantization {self.engine.quantization} with replica_group "
+                f"{self.replica_group!r}: a replica group's LoRA adapters wrap the base's plain linear layers, so its "
+                "base is not quantised; use quantization none (bf16 halves the weights) or serve it without a group"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _float16_on_gpu(self) -> VariantConfig:
+        if self.engine.dtype == "float16" and not self.num_gpus:
+            raise ValueError(
+                f"variant {self.name!r}: engine.dtype float16 needs a GPU (num_gpus > 0): CPUs have no fast float16 "
+                "matmul; use bfloat16 or auto"
+            )
+        return self
 
 
 # What a replica group's members must agree on: they run in the same replicas.

@@ -10,6 +10,7 @@ from ray import serve
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.serve.model_server import ModelServer
+from strata.serve.precision import check_precisions
 from strata.serve.router import Router
 
 
@@ -35,7 +36,9 @@ def _model_server(name: str, variant: VariantConfig, user_config: dict | None = 
 
 
 def build_application(config: ServeConfig, tracking_uri: str | None = None) -> serve.Application:
-    """The A/B application: a ModelServer deployment per variant or replica group, behind one Router."""
+    """The A/B application: a ModelServer deployment per variant or replica group, behind one Router. A precision a
+    replica could not load is refused here, before any replica starts."""
+    check_precisions(config)
     tracking_uri = config.tracking_uri or tracking_uri
     groups = {}
     for group, members in replica_groups(config.variants).items():

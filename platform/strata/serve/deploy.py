@@ -32,6 +32,7 @@ from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 from strata import paths, tracking
 from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig, replica_groups
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
+from strata.serve.precision import check_precisions
 from strata.serve.routing import Split
 
 IMPORT_PATH = "serve_apps.ab:build_app"
@@ -56,6 +57,8 @@ class DeployRequest:
     num_gpus: float = 0
     resources: dict[str, float] | None = None  # custom Ray resources per model replica (a cluster's serve group)
     max_batch_size: int = 32
+    dtype: str = "auto"
+    quantization: str = "none"
     requests_per_minute: float = 600
     burst: int = 60
     keys_file: str | None = None
@@ -83,9 +86,11 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             num_cpus=request.num_cpus,
             num_gpus=request.num_gpus,
             resources=request.resources or {},
-            engine=EngineSettings(max_batch_size=request.max_batch_size),
+            engine=EngineSettings(
+                max_batch_size=request.max_batch_size, dtype=request.dtype, quantization=request.quantization
+            ),
         )
-        return ServeConfig(
+        config = ServeConfig(
             model_name=request.model,
             variants=variants,
             weights=request.weights,
@@ -96,6 +101,8 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             audit={"path": paths.resolve("logs/audit.jsonl")},
             experiment=request.experiment,
         )
+        check_precisions(config)
+        return config
     except (ValueError, ValidationError) as err:
         raise ConfigError(str(err)) from None
 

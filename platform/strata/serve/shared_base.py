@@ -4,9 +4,10 @@ A variant's adapter is its `adapter` (a directory or an MLflow URI such as `runs
 `model`, or, for a registered fine-tune, the adapter its run logged, applied to the base version it records.
 Rows of every variant decode in one batch through peft's mixed-adapter forward (`adapter_names=[...]`, one name per
 row; `__base__` for the base's own rows). Only plain LoRA on `nn.Linear` layers mixes that way: peft 0.21 refuses
-mixed batches for `target_parameters` (its ParamWrapper on the fused experts), and a QLoRA fine-tune's merged export
-folds its adapter into the *dequantised* 4-bit base, a different model from this base plus the adapter. Such variants
-are refused with an error that says so: serve them on their own replicas (no `replica_group`).
+mixed batches for `target_parameters` (its ParamWrapper on the fused experts), so such adapters are refused with an
+error that says so: serve them on their own replicas (no `replica_group`). A QLoRA adapter is served as QLoRA adapters
+usually are, on the base at the group's precision; it trained against the NF4-rounded base, and its registered export
+folds it into that dequantised base, so the two can differ on a few greedy tokens (its info says `method: qlora`).
 A hand-written mixed LoRA (each layer's adapters stacked, one gathered `bmm` per layer for the whole batch) measured
 no faster than peft's on the `small` preset at 32 rows (36.9 vs 36.8 ms a decode step, 2 CPU threads), so peft's is
 the one used.
@@ -24,7 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from strata.config import VariantConfig
 from strata.registry import ResolvedModel, fine_tune_of, resolve_model
-from strata.serve.loading import fetch_adapter, serving_dtype
+from strata.serve.loading import fetch_adapter
+from strata.serve.precision import to_serving_precision
 
 BASE_ADAPTER = "__base__"  # peft's name, in a mixed batch, for rows that take no adapter
 
@@ -44,14 +46,8 @@ def adapter_source(variant: VariantConfig) -> AdapterSource:
     tuned = fine_tune_of(variant.model)
     if tuned is None:
         return AdapterSource(variant.model, None, {"model": variant.model})
-    if tuned.method != "lora":
-        raise ValueError(
-            f"variant {variant.name!r}: {variant.model} is a {tuned.method} fine-tune; its registered model folds the "
-            "adapter into the dequantised 4-bit base, which this shared base is not: serve it without replica_group"
-        )
-    return AdapterSource(
-        tuned.base, tuned.adapter, {"model": variant.model, "base": tuned.base, "adapter": tuned.adapter}
-    )
+    info = {"model": variant.model, "base": tuned.base, "adapter": tuned.adapter, "method": tuned.method}
+    return AdapterSource(tuned.base, tuned.adapter, info)
 
 
 def check_mixable(name: str, adapter_dir: str) -> None:
@@ -84,14 +80,14 @@ class SharedBase:
         self.base_spec = sources[adapters[0]].base
         self.resolved: ResolvedModel = resolve_model(self.base_spec)
         base = AutoModelForCausalLM.from_pretrained(self.resolved.directory)
-        base = base.to(device=self.device, dtype=serving_dtype(self.settings.engine.dtype, self.device))
+        base, self.precision = to_serving_precision(base, self.settings, self.device)
         base.config.output_router_logits = False  # router logits feed training losses only
         first = sources[adapters[0]]
         self.model = PeftModel.from_pretrained(base, self._adapter_dir(adapters[0], first), adapter_name=adapters[0])
         self.model.eval()
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.resolved.directory)
         self.adapter_of = {adapters[0]: adapters[0]}
-        self.info = {adapters[0]: first.info}
+        self.info = {adapters[0]: {**first.info, **self.precision}}
         for variant in variants:
             if variant.name not in self.adapter_of:
                 self.add(variant, sources[variant.name])
@@ -107,7 +103,7 @@ class SharedBase:
             self.model.load_adapter(self._adapter_dir(variant.name, source), adapter_name=variant.name)
             self.model.eval()
         self.adapter_of[variant.name] = variant.name if source.adapter else BASE_ADAPTER
-        self.info[variant.name] = source.info
+        self.info[variant.name] = {**source.info, **self.precision}
 
     def _adapter_dir(self, name: str, source: AdapterSource) -> str:
         directory = fetch_adapter(source.adapter)
