@@ -194,6 +194,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         dtype=args.dtype,
         quantization=args.quantization,
+        share_base=args.share_base,
         requests_per_minute=args.requests_per_minute,
         burst=args.burst,
         keys_file=os.path.abspath(args.keys_file) if args.keys_file else None,
@@ -330,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dep.add_argument(
         "--quantization", default="none", choices=["none", "int8", "nf4"], help="weight-only, linear layers + experts"
+    )
+    dep.add_argument(
+        "--share-base",
+        action="store_true",
+        help="one replica for every alias: the base they were fine-tuned from, loaded once, each LoRA/QLoRA "
+        "fine-tune's adapter beside it (a replica group)",
     )
     dep.add_argument("--requests-per-minute", type=float, default=600, help="rate limit per API key, in all")
     dep.add_argument("--burst", type=int, default=60, help="requests a key may send at once")

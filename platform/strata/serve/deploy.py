@@ -34,6 +34,7 @@ from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
 from strata.serve.precision import check_precisions
 from strata.serve.routing import Split
+from strata.serve.shared_base import check_groups
 
 IMPORT_PATH = "serve_apps.ab:build_app"
 ROUTER = "Router"
@@ -59,6 +60,7 @@ class DeployRequest:
     max_batch_size: int = 32
     dtype: str = "auto"
     quantization: str = "none"
+    share_base: bool = False  # the variants in one replica group: one base, each fine-tune's adapter beside it
     requests_per_minute: float = 600
     burst: int = 60
     keys_file: str | None = None
@@ -89,6 +91,7 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             engine=EngineSettings(
                 max_batch_size=request.max_batch_size, dtype=request.dtype, quantization=request.quantization
             ),
+            replica_group="shared" if request.share_base else None,
         )
         config = ServeConfig(
             model_name=request.model,
@@ -102,6 +105,7 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             experiment=request.experiment,
         )
         check_precisions(config)
+        check_groups(config)
         return config
     except (ValueError, ValidationError) as err:
         raise ConfigError(str(err)) from None

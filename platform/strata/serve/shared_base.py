@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from strata.config import VariantConfig
+from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.registry import ResolvedModel, fine_tune_of, resolve_model
 from strata.serve.loading import fetch_adapter
 from strata.serve.precision import to_serving_precision
@@ -62,6 +62,17 @@ def check_mixable(name: str, adapter_dir: str) -> None:
         )
     if config.get("use_dora"):
         raise ValueError(f"variant {name!r}: a DoRA adapter, which peft cannot mix in one batch")
+
+
+def check_groups(config: ServeConfig) -> None:
+    """Before anything loads (at deploy): each replica group has an adapter to share its base with."""
+    for group, members in replica_groups(config.variants).items():
+        if not any(adapter_source(member).adapter for member in members):
+            names = [m.name for m in members]
+            raise ValueError(
+                f"replica group {group!r} ({', '.join(names)}): none of its variants is a LoRA adapter or a registered "
+                "LoRA/QLoRA fine-tune, so there is no base to share; deploy them without a replica group"
+            )
 
 
 class SharedBase:
