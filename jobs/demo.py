@@ -106,7 +106,7 @@ def main() -> int:
             return promoted
     port = free_port()
     deployed = strata_cli(
-        ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "1", "--port", str(port)]
+        ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "0.5", "--port", str(port)]
         + ["--share-base"]  # fast is an adapter of stable: one replica, the base loaded once, bf16 where the CPU has it
         + ["--requests-per-minute", "6000", "--burst", str(SERVE_REQUESTS)]  # one key sends all the demo's traffic
     )
