@@ -1,0 +1,178 @@
+"""4-bit (NF4, double quantisation) and 8-bit expert weights for MoE models that fuse their experts into 3-D params.
+
+transformers keeps Qwen3-MoE's experts as `gate_up_proj` (experts, 2*inter, hidden) and `down_proj`
+(experts, hidden, inter) parameters; bitsandbytes only quantises nn.Linear, so those stay in full precision and they
+are most of an MoE's bytes. Here each expert matrix is quantised on its own (NF4 through bitsandbytes, int8 as
+per-row absmax) and the experts run through transformers' experts-implementation dispatch, dequantising one expert at
+a time. Backward dequantises again instead of keeping the full-precision weight alive.
+
+peft's `target_parameters` LoRA keeps working: the fused parameter stays as a one-element placeholder of the right
+shape, peft registers its LoRA parametrization on it as usual, and the forward here reads the low-rank factors from
+that parametrization and applies them per expert as `x @ A_e.T @ B_e.T`, never the full-size delta.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import bitsandbytes.functional as bnb
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+IMPLEMENTATION = "strata_quantized"
+NF4_BLOCKSIZE = 64
+
+
+class QuantizedExpertWeight(nn.Module):
+    """One fused (experts, out, in) weight, quantised expert by expert; `dequantize(e)` gives expert e back."""
+
+    def __init__(self, weight: torch.Tensor, scheme: Literal["nf4", "int8"], compute_dtype: torch.dtype):
+        super().__init__()
+        self.scheme = scheme
+        self.shape = tuple(weight.shape)
+        self.compute_dtype = compute_dtype
+        weight = weight.detach()
+        if scheme == "int8":
+            scale = weight.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+            self.register_buffer("data", torch.round(weight / scale).to(torch.int8))
+            self.register_buffer("scale", scale.to(compute_dtype))
+            return
+        if scheme != "nf4":
+            raise ValueError(f"scheme must be 'nf4' or 'int8', not {scheme!r}")
+        quantized = [
+            bnb.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4") for w in weight
+        ]
+        packed, states = [q[0] for q in quantized], [q[1] for q in quantized]
+        self.register_buffer("data", torch.stack(packed))
+        self.register_buffer("absmax", torch.stack([s.absmax for s in states]))  # uint8, itself quantised
+        self.register_buffer("offset", torch.stack([s.offset for s in states]))
+        self.register_buffer("absmax2", torch.stack([s.state2.absmax for s in states]))
+        self.register_buffer("code", states[0].code)
+        self.register_buffer("code2", states[0].state2.code)
+        self.blocksize2 = states[0].state2.blocksize
+
+    def dequantize(self, expert: int) -> torch.Tensor:
+        if self.scheme == "int8":
+            return self.data[expert].to(self.compute_dtype) * self.scale[expert]
+        nested = bnb.QuantState(
+            absmax=self.absmax2[expert], code=self.code2, blocksize=self.blocksize2, dtype=torch.float32
+        )
+        state = bnb.QuantState(
+            absmax=self.absmax[expert],
+            shape=torch.Size(self.shape[1:]),
+            code=self.code,
+            blocksize=NF4_BLOCKSIZE,
+            quant_type="nf4",
+            dtype=self.compute_dtype,
+            offset=self.offset[expert],
+            state2=nested,
+        )
+        return bnb.dequantize_4bit(self.data[expert], state)
+
+    def dequantize_all(self) -> torch.Tensor:
+        return torch.stack([self.dequantize(e) for e in range(self.shape[0])])
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x @ W_e.T with W_e dequantised in forward and again in backward; no full-precision weight is saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedExpertWeight, expert: int) -> torch.Tensor:
+        ctx.weight, ctx.expert = weight, expert
+        return F.linear(x, weight.dequantize(expert).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.weight.dequantize(ctx.expert).to(grad.dtype), None, None
+
+
+def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """One expert's projection: the quantised base plus any LoRA peft has parametrised onto the fused parameter."""
+    out = _DequantizedLinear.apply(x, getattr(experts, f"{name}_quantized"), expert)
+    if not parametrize.is_parametrized(experts, name):
+        return out
+    for proxy in experts.parametrizations[name]:
+        if hasattr(proxy, "lhs"):  # peft's factor proxy: W + scaling * lhs @ rhs, (experts, out, r) @ (experts, r, in)
+            out = out + proxy.scaling * F.linear(
+                F.linear(x, proxy.rhs[expert].to(x.dtype)), proxy.lhs[expert].to(x.dtype)
+            )
+        elif hasattr(proxy, "delta_weight"):  # several adapters at once: peft hands over the summed full delta
+            out = out + F.linear(x, proxy.delta_weight[expert].to(x.dtype))
+        else:
+            raise TypeError(f"unsupported parametrization {type(proxy).__name__} on quantised {name}")
+    return out
+
+
+def quantized_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Qwen3-MoE's eager experts loop, with each expert's weights dequantised only while it runs."""
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert in hit[:, 0].tolist():
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        state = hidden_states[token_idx]
+        gate, up = _expert_linear(self, "gate_up_proj", state, expert).chunk(2, dim=-1)
+        state = _expert_linear(self, "down_proj", self.act_fn(gate) * up, expert)
+        state = state * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, state.to(final.dtype))
+    return final
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, quantized_experts_forward)
+
+
+def _fused_experts(model: nn.Module) -> list[nn.Module]:
+    """The modules holding fused 3-D expert weights (and no peft wrappers: those hold them through base_layer)."""
+    return [
+        m
+        for m in model.modules()
+        if all(isinstance(getattr(m, n, None), (nn.Parameter, QuantizedExpertWeight)) for n in EXPERT_PARAMS)
+        and hasattr(m, "num_experts")
+    ]
+
+
+def _placeholder(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
+    """A one-element tensor seen at full shape: peft reads the shape and device from it, nothing reads the values."""
+    return nn.Parameter(torch.zeros((), device=like.device, dtype=dtype).expand(shape), requires_grad=False)
+
+
+def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], compute_dtype: torch.dtype) -> int:
+    """Quantise every fused MoE expert weight in place; returns how many expert tensors were quantised."""
+    if scheme not in ("nf4", "int8"):
+        raise ValueError(f"scheme must be 'nf4' or 'int8', not {scheme!r}")
+    count = 0
+    for experts in _fused_experts(model):
+        for name in EXPERT_PARAMS:
+            if parametrize.is_parametrized(experts, name):
+                raise ValueError(f"quantise the experts before adding LoRA: {name} is already parametrised")
+            weight = experts._parameters.pop(name)
+            quantized = QuantizedExpertWeight(weight.to(compute_dtype), scheme, compute_dtype)
+            experts.add_module(f"{name}_quantized", quantized)
+            experts.register_parameter(name, _placeholder(quantized.shape, weight, compute_dtype))
+            count += 1
+    if count and model.config._experts_implementation != IMPLEMENTATION:
+        model.experts_implementation_before_quantization = model.config._experts_implementation
+        model.config._experts_implementation = IMPLEMENTATION
+    return count
+
+
+def dequantize_experts(model: PreTrainedModel) -> None:
+    """Back to plain full-precision expert parameters (for merging an adapter and exporting)."""
+    for experts in _fused_experts(model):
+        for name in EXPERT_PARAMS:
+            quantized = getattr(experts, f"{name}_quantized", None)
+            if quantized is None:
+                continue
+            weight = nn.Parameter(quantized.dequantize_all(), requires_grad=False)
+            del experts._modules[f"{name}_quantized"]
+            experts._parameters[name] = weight
+    if model.config._experts_implementation == IMPLEMENTATION:
+        model.config._experts_implementation = getattr(model, "experts_implementation_before_quantization", "eager")
