@@ -139,9 +139,10 @@ def _fused_experts(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def _placeholder(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
-    """A one-element tensor seen at full shape: peft reads the shape and device from it, nothing reads the values."""
-    return nn.Parameter(torch.zeros((), device=like.device, dtype=dtype).expand(shape), requires_grad=False)
+def _placeholder(shape: tuple[int, ...], device: torch.device) -> nn.Parameter:
+    """A one-element tensor seen at full shape: peft reads its shape, device and dtype (LoRA weights follow it, so
+    fp32) and nothing reads its values. fp32 also keeps peft's kbit preparation from upcasting it to full size."""
+    return nn.Parameter(torch.zeros((), device=device).expand(shape), requires_grad=False)
 
 
 def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], compute_dtype: torch.dtype) -> int:
@@ -156,7 +157,7 @@ def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], com
             weight = experts._parameters.pop(name)
             quantized = QuantizedExpertWeight(weight.to(compute_dtype), scheme, compute_dtype)
             experts.add_module(f"{name}_quantized", quantized)
-            experts.register_parameter(name, _placeholder(quantized.shape, weight, compute_dtype))
+            experts.register_parameter(name, _placeholder(quantized.shape, weight.device))
             count += 1
     if count and model.config._experts_implementation != IMPLEMENTATION:
         model.experts_implementation_before_quantization = model.config._experts_implementation
