@@ -82,8 +82,11 @@ def trainable_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if adapter_dir:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    return get_peft_model(model, lora_config(settings))
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(settings))
+    quantized_experts.keep_out_of_ddp(model)
+    return model
 
 
 def merged_model(directory: str, method: str, adapter_dir: str, quantize_experts: bool = True) -> PreTrainedModel:

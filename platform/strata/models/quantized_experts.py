@@ -19,6 +19,7 @@ import bitsandbytes.functional as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -163,6 +164,17 @@ def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], com
         model.experts_implementation_before_quantization = model.config._experts_implementation
         model.config._experts_implementation = IMPLEMENTATION
     return count
+
+
+def keep_out_of_ddp(model: nn.Module) -> None:
+    """Tell DDP to leave the quantised experts alone: its start-up broadcast cannot write into a placeholder (one
+    element seen at full size), and every rank quantises the same frozen base to the same bytes anyway."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedExpertWeight):
+            names += [f"{prefix}.{buffer}" for buffer, _ in module.named_buffers()]
+            names.append(prefix.removesuffix("_quantized"))  # the placeholder next to it
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def dequantize_experts(model: PreTrainedModel) -> None:
