@@ -60,6 +60,7 @@ def test_quantised_moe_logits_stay_close_and_dequantise_back(tiny_moe, scheme, t
         expected = tiny_moe(ids).logits
         model = copy.deepcopy(tiny_moe)
         assert quantize_experts(model, scheme, torch.float32) == 2 * model.config.num_hidden_layers
+        assert quantize_experts(model, scheme, torch.float32) == 0  # a second call leaves quantised experts alone
         quantized = model(ids).logits
         error = (quantized - expected).norm() / expected.norm()
         assert 0 < error < tolerance, error

@@ -131,13 +131,8 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, quantized_experts_forward)
 
 
 def _fused_experts(model: nn.Module) -> list[nn.Module]:
-    """The modules holding fused 3-D expert weights (and no peft wrappers: those hold them through base_layer)."""
-    return [
-        m
-        for m in model.modules()
-        if all(isinstance(getattr(m, n, None), (nn.Parameter, QuantizedExpertWeight)) for n in EXPERT_PARAMS)
-        and hasattr(m, "num_experts")
-    ]
+    """The modules that own fused 3-D expert weights (not peft's wrappers, which reach them through base_layer)."""
+    return [m for m in model.modules() if all(n in m._parameters for n in EXPERT_PARAMS) and hasattr(m, "num_experts")]
 
 
 def _placeholder(shape: tuple[int, ...], device: torch.device) -> nn.Parameter:
@@ -153,8 +148,8 @@ def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], com
     count = 0
     for experts in _fused_experts(model):
         for name in EXPERT_PARAMS:
-            if parametrize.is_parametrized(experts, name):
-                raise ValueError(f"quantise the experts before adding LoRA: {name} is already parametrised")
+            if hasattr(experts, f"{name}_quantized"):
+                continue  # quantised already: what is left is its placeholder
             weight = experts._parameters.pop(name)
             quantized = QuantizedExpertWeight(weight.to(compute_dtype), scheme, compute_dtype)
             experts.add_module(f"{name}_quantized", quantized)
