@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check platform jobs serve_apps benchmarks tests

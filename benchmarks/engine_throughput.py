@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.config import EngineSettings
 from strata.serve.engine import Engine, Output, SamplingParams
-from strata.serve.loading import serving_dtype
+from strata.serve.precision import resolve_precision
 
 CONCURRENCY = (1, 8, 32)
 
@@ -95,7 +95,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="requests each client sends, one after another")
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "moe-1b"], help="model preset")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 where native"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--admission-group", type=int, default=EngineSettings().admission_group)
     parser.add_argument("--admission-wait", type=float, default=EngineSettings().admission_wait_s)
@@ -110,7 +112,7 @@ def main() -> None:
     console = Console()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = serving_dtype(args.dtype, device)
+    dtype = resolve_precision(args.dtype, device).dtype
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_base(Path(tmp), args.preset, console)
         model = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=False, dtype=dtype)

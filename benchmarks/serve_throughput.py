@@ -10,11 +10,11 @@ tokens), at 1, 8 and 32 concurrent clients:
   (c) Strata: `concurrency` streaming clients on the OpenAI endpoint (router -> model replica), each sending
       --rounds requests one after another. TTFT is what the clients see: the time to the first streamed token.
 
-Generated tokens/s counts real tokens (up to EOS) on every side. Targets at 32 clients: (c) >= 10x (a) and
-(c) >= 0.7x (b). It also measures the router's added latency: one-token completions through the router (with
-auth, split and audit) against the same request straight to a model deployment, interleaved; target <= 2 ms p50.
-Beside them runs a bare Serve hop (an ingress that only forwards to the model deployment): the floor any router
-deployment pays, which separates Serve's own cost from the router's work.
+Generated tokens/s counts real tokens (up to EOS) on every side. Target at 32 clients: (c) >= 0.8x (b); (a) is a
+reference, not a target. It also measures the router's added latency: one-token completions through the router
+(with auth, split and audit), through a bare Serve hop (an ingress that only forwards to the model deployment: the
+floor any router deployment pays) and straight to a model deployment, interleaved. Target: the router's own work,
+router minus bare hop, <= 2 ms p50.
 
 The baselines run in this process with all the machine's threads; the model replica shares the machine with the
 HTTP proxy, the router and the clients. Timings are reported, never asserted.
@@ -61,14 +61,15 @@ from strata.serve.router import engine_request  # noqa: E402
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 THREADS = 2  # torch threads for the baselines and for the model replica
 CONCURRENCY = (1, 8, 32)
-TARGET_VS_SEQUENTIAL = 10.0
-TARGET_VS_STATIC = 0.7
+TARGET_VS_STATIC = 0.8
 TARGET_ROUTER_MS = 2.0
 API_KEY = "sk-bench-0123456789abcdef"
 
 
-async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """`concurrency` streaming clients, each sending its share of `prompts` one after another."""
+async def strata_clients(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str = "bench:stable"
+) -> dict[str, Any]:
+    """`concurrency` streaming clients, each sending its share of `prompts` one after another to `model`."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     ttfts: list[float] = []
     tokens = 0
@@ -77,7 +78,7 @@ async def strata_clients(url: str, prompts: list[str], concurrency: int, max_tok
         nonlocal tokens
         for prompt in mine:
             body = {
-                "model": "bench:stable",
+                "model": model,
                 "prompt": prompt,
                 "max_tokens": max_tokens,
                 "temperature": 0,
@@ -160,6 +161,7 @@ def router_overhead(base_url: str, requests: int) -> dict[str, float]:
         "bare_hop_p50_ms": p50["hop"],
         "direct_p50_ms": p50["direct"],
         "added_p50_ms": p50["router"] - p50["direct"],
+        "router_work_p50_ms": p50["router"] - p50["hop"],
         "bare_hop_added_p50_ms": p50["hop"] - p50["direct"],
     }
 
@@ -204,7 +206,10 @@ def main() -> None:
         port = 8000 + random.randrange(1000)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         engine = EngineSettings(
-            max_batch_size=max(CONCURRENCY), torch_threads=args.replica_threads, stream_interval_s=args.stream_interval
+            max_batch_size=max(CONCURRENCY),
+            torch_threads=args.replica_threads,
+            stream_interval_s=args.stream_interval,
+            dtype="float32",  # as the baselines in this process
         )
         variant = {"name": "stable", "model": str(model_dir), "num_cpus": 1, "engine": engine}
         config = ServeConfig(
@@ -258,20 +263,15 @@ def main() -> None:
         "levels": levels,
         "router_latency": latency,
         "targets": {
-            "vs_sequential_at_32": {
-                "value": top["strata_vs_sequential"],
-                "target": f">= {TARGET_VS_SEQUENTIAL}",
-                "target_met": top["strata_vs_sequential"] >= TARGET_VS_SEQUENTIAL,
-            },
             "vs_static_batch_at_32": {
                 "value": top["strata_vs_static_batch"],
                 "target": f">= {TARGET_VS_STATIC}",
                 "target_met": top["strata_vs_static_batch"] >= TARGET_VS_STATIC,
             },
-            "router_added_p50_ms": {
-                "value": latency["added_p50_ms"],
+            "router_work_p50_ms": {
+                "value": latency["router_work_p50_ms"],
                 "target": f"<= {TARGET_ROUTER_MS}",
-                "target_met": latency["added_p50_ms"] <= TARGET_ROUTER_MS,
+                "target_met": latency["router_work_p50_ms"] <= TARGET_ROUTER_MS,
             },
         },
         "seconds": time.perf_counter() - began,

@@ -95,7 +95,7 @@ def main() -> int:
     if swept != 0:
         return swept
 
-    console.rule("5/7 release tracks: stable = pretrained, fast = fine-tuned; serving both, split 90/10")
+    console.rule("5/7 release tracks: stable = pretrained, fast = its QLoRA adapter; one shared replica, split 90/10")
     first_release = ["--reason", "first release: nothing to canary against", "--force"]
     for version, track, extra in (
         (result.registered_version, "stable", first_release),
@@ -106,7 +106,8 @@ def main() -> int:
             return promoted
     port = free_port()
     deployed = strata_cli(
-        ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "0.5", "--port", str(port)]
+        ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "1", "--port", str(port)]
+        + ["--share-base"]  # fast is an adapter of stable: one replica, the base loaded once, bf16 where the CPU has it
         + ["--requests-per-minute", "6000", "--burst", str(SERVE_REQUESTS)]  # one key sends all the demo's traffic
     )
     if deployed != 0:
@@ -129,6 +130,8 @@ def main() -> int:
             str(row["tokens"]),
         )
     console.print(split_table)
+    replicas = serving_replicas("strata")
+    console.print(f"served by {replicas}", highlight=False)
 
     console.rule("6/7 a canary of fast (fine-tuned) against stable (pretrained) under live traffic")
     canary_overrides = [f"model={model_name}", "app=strata", *CANARY_SETTINGS]
@@ -171,7 +174,7 @@ def main() -> int:
         "serving",
         f"http://127.0.0.1:{port}/v1: stable = v{result.registered_version}, fast = v{tuned.registered_version}; "
         + ", ".join(f"{v} {row['share']:.0%}" for v, row in served.items())
-        + f" of {SERVE_REQUESTS} requests, {sum(r['errors'] for r in served.values())} errors",
+        + f" of {SERVE_REQUESTS} requests, {sum(r['errors'] for r in served.values())} errors; {replicas}",
     )
     table.add_row(
         "canary",
@@ -185,6 +188,20 @@ def main() -> int:
     table.add_row("wall time", f"{time.perf_counter() - started:.0f}s")
     console.print(table)
     return canary_exit
+
+
+def serving_replicas(app: str) -> str:
+    """How many model replicas serve the split, and in what precision (what each replica reports of itself)."""
+    from ray import serve
+
+    deployments = {n: d for n, d in serve.status().applications[app].deployments.items() if n != "Router"}
+    count = sum(sum(d.replica_states.values()) for d in deployments.values())
+    described = []
+    for name in deployments:
+        info = serve.get_deployment_handle(name, app_name=app).stats.remote().result()["info"]
+        info = info if "dtype" in info else next(iter(info.values()))  # a replica group reports each member
+        described.append(f"{name} in {info['dtype']} ({info['dtype_reason']}), quantization {info['quantization']}")
+    return f"{count} model replica{'s' if count != 1 else ''}: " + "; ".join(described)
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +29,27 @@ def ray_session():
     ray.shutdown()
 
 
+def isolate_home(env: pytest.MonkeyPatch, home: Path) -> Path:
+    """STRATA_HOME at `home`, so runs, data and the MLflow store stay apart; `use_store` exports the MLflow URIs,
+    so they are unset here and restored with the rest of `env` at teardown."""
+    env.setenv("STRATA_HOME", str(home))
+    for exported in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.delenv(exported, raising=False)
+    return home
+
+
 @pytest.fixture
 def strata_home(tmp_path, monkeypatch) -> Path:
-    """An empty STRATA_HOME, so runs, data and the MLflow store of each test stay apart."""
-    monkeypatch.setenv("STRATA_HOME", str(tmp_path))
-    for exported in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # `use_store` exports both: undo at teardown
-        monkeypatch.delenv(exported, raising=False)
+    """An empty STRATA_HOME for one test, which also runs in it."""
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return isolate_home(monkeypatch, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory) -> Iterator[Path]:
+    """An empty STRATA_HOME shared by one module's tests (for its long-lived Serve application and store)."""
+    with pytest.MonkeyPatch.context() as env:
+        yield isolate_home(env, tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +81,15 @@ def tiny_base(small_data, tmp_path_factory) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def registered_base(strata_home, tiny_base) -> str:
+    """The tiny base registered in this test's MLflow store as `strata-test-base@stable`, as fine-tunes name a base."""
+    from strata import registry, tracking
+
+    tracking.use_store()
+    with tracking.start_run("bases", "tiny-base", {}):
+        version = registry.log_model(tiny_base, "strata-test-base")
+    registry.set_alias("strata-test-base", "stable", version.version)
+    return "models:/strata-test-base@stable"

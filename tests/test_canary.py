@@ -49,7 +49,7 @@ def register(model_dir: Path, eval_loss: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def release(ray_session, tiny_base, tmp_path_factory):
+def release(ray_session, tiny_base, module_home):
     """The registry (stable = the tiny base) and a running Serve HTTP proxy; each test deploys its candidate."""
     import ray
     from ray import serve
@@ -57,11 +57,7 @@ def release(ray_session, tiny_base, tmp_path_factory):
 
     from strata import registry, tracking
 
-    home = tmp_path_factory.mktemp("canary-home")
-    saved = {k: os.environ.get(k) for k in ("STRATA_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ["STRATA_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    home = module_home
     uri = tracking.use_store()
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -93,8 +89,6 @@ def release(ray_session, tiny_base, tmp_path_factory):
         "slow": slow,
     }
     serve.shutdown()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def deploy_candidate(release, candidate_dir: Path, eval_loss: float = 1.9) -> str:

@@ -108,15 +108,6 @@ def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int
     )
 
 
-@pytest.fixture
-def registered_base(strata_home, tiny_base):
-    tracking.use_store()
-    with tracking.start_run("bases", "tiny-base", {}):
-        version = registry.log_model(tiny_base, "strata-test-base")
-    registry.set_alias("strata-test-base", "stable", version.version)
-    return "models:/strata-test-base@stable"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registered_base, strata_home, method):

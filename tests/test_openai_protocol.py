@@ -45,7 +45,7 @@ def served(ray_session, tiny_base, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("openai-protocol")
     (home / "keys.txt").write_text(KEY + "\n")
-    engine = EngineSettings(max_batch_size=16, max_tokens_limit=64, stream_interval_s=0.0)
+    engine = EngineSettings(max_batch_size=16, max_tokens_limit=64, stream_interval_s=0.0, dtype="float32")
     config = ServeConfig(
         model_name=MODEL,
         variants=[VariantConfig(name="stable", model=str(tiny_base), num_cpus=0.5, engine=engine)],

@@ -29,7 +29,7 @@ KEYS = {"main": "sk-main-0123456789", "other": "sk-other-0123456789", "limited":
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tiny_base, tmp_path_factory):
+def served(ray_session, tiny_base, module_home):
     """Two registered versions (`stable` = the tiny base, `fast` = another initialisation) behind the router."""
     import ray
     from ray import serve
@@ -40,11 +40,7 @@ def served(ray_session, tiny_base, tmp_path_factory):
     from strata.serve import deploy
     from strata.serve.auth import key_id
 
-    home = tmp_path_factory.mktemp("serve-home")
-    saved_env = {k: os.environ.get(k) for k in ("STRATA_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ["STRATA_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    home = module_home
     uri = tracking.use_store()
 
     other = home / "tiny-other"
@@ -61,7 +57,8 @@ def served(ray_session, tiny_base, tmp_path_factory):
 
     keys_file = home / "keys.txt"
     keys_file.write_text("# test keys\n" + "\n".join(KEYS.values()) + "\n")
-    engine = EngineSettings(max_batch_size=16, max_tokens_limit=480, stream_interval_s=0.0)
+    # fp32: replies are compared token for token with an fp32 `generate` in this process
+    engine = EngineSettings(max_batch_size=16, max_tokens_limit=480, stream_interval_s=0.0, dtype="float32")
     config = ServeConfig(
         model_name=MODEL,
         variants=deploy.variants_from_aliases(MODEL, ["stable", "fast"], num_cpus=0.5, engine=engine),
@@ -90,11 +87,6 @@ def served(ray_session, tiny_base, tmp_path_factory):
         "config": config,
     }
     serve.shutdown()
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def torch_generator(seed: int):
@@ -135,6 +127,8 @@ def test_openai_client_completions_chat_and_streaming(served):
     assert raw.headers["x-strata-variant"] == "stable"
     assert completion.model == f"{MODEL}:stable"
     assert completion.choices[0].text == reference(served["stable_dir"], prompt, 12)
+    info = model_stats("stable")["info"]
+    assert (info["dtype"], info["quantization"]) == ("float32", "none") and "engine settings" in info["dtype_reason"]
     assert completion.usage.prompt_tokens > 0 and 0 < completion.usage.completion_tokens <= 12
 
     streamed = api.completions.create(
@@ -507,7 +501,10 @@ def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_sca
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
     autoscaling |= {"upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2}
     variant = {"name": "tuned", "model": f"models:/{MODEL}/1", "adapter": str(tmp_path), "num_cpus": 0.1}
-    variant |= {"autoscaling": autoscaling, "engine": {"max_batch_size": 4, "stream_interval_s": 0.0}}
+    variant |= {
+        "autoscaling": autoscaling,
+        "engine": {"max_batch_size": 4, "stream_interval_s": 0.0, "dtype": "float32"},
+    }
     base = served["config"]
     config = ServeConfig(
         model_name="strata-tuned",
@@ -565,6 +562,76 @@ def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_sca
             time.sleep(1)
     finally:
         serve.delete("tuned")
+
+
+@pytest.mark.slow
+def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served, tmp_path):
+    """A 50/50 split of two LoRA adapters of one registered base, both served by one replica (a replica group): under
+    concurrent mixed traffic each variant answers as its merged model does, greedy, token for token. A third adapter
+    added to the running group is served by the same replica, which never restarts."""
+    from lora_adapters import make_adapter
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from strata.config import ServeConfig
+    from strata.models.adapters import merged_model
+    from strata.registry import generate_text
+    from strata.serve import deploy
+    from strata.serve.replica_groups import add_group_variant
+
+    base_dir = served["stable_dir"]
+    adapters = {name: make_adapter(base_dir, tmp_path / name, seed) for seed, name in enumerate(("a", "b", "c"), 1)}
+    shared = {"model": f"models:/{MODEL}/1", "replica_group": "lora", "num_cpus": 0.25}
+    shared["engine"] = {"max_batch_size": 16, "stream_interval_s": 0.0, "dtype": "float32"}  # as the references
+    base = served["config"]
+    config = ServeConfig(
+        model_name="strata-lora",
+        variants=[{"name": n, "adapter": str(adapters[n]), **shared} for n in ("a", "b")],
+        weights={"a": 50, "b": 50},
+        tracking_uri=base.tracking_uri,
+        auth=base.auth,
+        audit=base.audit,
+        router_num_cpus=0.1,
+    )
+    prompts = ["def main(args):\n", "import os\n", "class Parser:\n", "x = 1"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    expected = {}
+    for name, adapter in adapters.items():
+        merged = merged_model(str(base_dir), "lora", str(adapter)).eval()
+        merged.config.output_router_logits = False
+        expected |= {(name, p): generate_text(merged, tokenizer, p, 10) for p in prompts}
+    assert len({expected[(n, prompts[0])] for n in adapters}) == 3, "the adapters are too alike to tell apart"
+
+    deploy.deploy_application(served["dashboard"], deploy.application(config, "lora", "/lora"))
+    try:
+        deploy.wait_until_running(served["dashboard"], "lora", timeout_s=300)
+        assert set(serve.status().applications["lora"].deployments) == {"Router", "group-lora"}
+        group = serve.get_deployment_handle("group-lora", app_name="lora")
+        pid = group.stats.remote().result()["pid"]
+        url = served["url"] + "/lora/v1/completions"
+        bodies = [
+            {"model": "strata-lora", "prompt": p, "max_tokens": 10, "temperature": 0, "user": f"user-{i}"}
+            for i in range(12)
+            for p in prompts
+        ]
+        responses = asyncio.run(_send(url, bodies, concurrency=12))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        served_by = [r.headers["x-strata-variant"] for r in responses]
+        assert set(served_by) == {"a", "b"}
+        for body, variant, response in zip(bodies, served_by, responses, strict=True):
+            assert response.json()["choices"][0]["text"] == expected[(variant, body["prompt"])], (variant, body)
+
+        add_group_variant(served["dashboard"], "lora", "lora", "c", weight=0, adapter=str(adapters["c"]))
+        body = {"model": "strata-lora:c", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
+        deadline = time.monotonic() + 120
+        while (reply := httpx.post(url, json=body, headers=auth(), timeout=60)).status_code == 404:
+            assert time.monotonic() < deadline, "the added variant was never served"
+            time.sleep(1)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == expected[("c", prompts[0])]
+        assert group.stats.remote().result()["pid"] == pid, "the replica restarted"
+    finally:
+        serve.delete("lora")
 
 
 def test_checked_in_ab_config_is_valid():

@@ -168,9 +168,10 @@ def test_a_variant_with_a_lora_adapter_serves_the_merged_weights(tiny_base, tmp_
     lora.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[5, 6, 7, 8]])
 
-    plain, _, info = load_for_serving(VariantConfig(name="stable", model=str(tiny_base)))
+    fp32 = {"dtype": "float32"}
+    plain, _, info = load_for_serving(VariantConfig(name="stable", model=str(tiny_base), engine=fp32))
     tuned, tokenizer, tuned_info = load_for_serving(
-        VariantConfig(name="fast", model=str(tiny_base), adapter=str(tmp_path / "adapter"))
+        VariantConfig(name="fast", model=str(tiny_base), adapter=str(tmp_path / "adapter"), engine=fp32)
     )
     with torch.no_grad():
         expected = lora(input_ids=ids).logits

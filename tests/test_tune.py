@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from strata import registry, tracking
+from strata import tracking
 from strata.config import ConfigError
 from strata.config.tune import REPORTED_METRICS, load_tune_config
 
@@ -85,7 +85,7 @@ def sft_file(tmp_path) -> Path:
 def test_bad_search_space_fails_before_any_trial_naming_the_field(tmp_path, sft_file, change, field, message):
     if "search_space" in change:
         change = {"search": "random", **change}  # the default sweep searches a grid
-    path = write_sweep(tmp_path, "models:/strata-tune-test-base@stable", sft_file, **change)
+    path = write_sweep(tmp_path, "models:/strata-test-base@stable", sft_file, **change)
     with pytest.raises(ConfigError) as err:
         load_tune_config(path)
     assert field in str(err.value) and message in str(err.value), str(err.value)
@@ -99,22 +99,13 @@ def test_a_good_sweep_loads_and_the_shipped_sweep_is_valid(tmp_path, sft_file):
     assert shipped.metric in REPORTED_METRICS["finetune"]
 
 
-@pytest.fixture
-def registered_tune_base(strata_home, tiny_base) -> str:
-    tracking.use_store()
-    with tracking.start_run("bases", "tiny-base", {}):
-        version = registry.log_model(tiny_base, "strata-tune-test-base")
-    registry.set_alias("strata-tune-test-base", "stable", version.version)
-    return "models:/strata-tune-test-base@stable"
-
-
 @pytest.mark.slow
 def test_asha_stops_the_poor_trial_nests_trials_in_mlflow_and_registers_the_best(
-    ray_session, registered_tune_base, strata_home, sft_file
+    ray_session, registered_base, strata_home, sft_file
 ):
     from strata.tune.sweep import run_sweep
 
-    tune, base_tree = load_tune_config(write_sweep(strata_home, registered_tune_base, sft_file))
+    tune, base_tree = load_tune_config(write_sweep(strata_home, registered_base, sft_file))
     result = run_sweep(tune, base_tree)
 
     by_lr = {row["params"]["optim.lr"]: row for row in result.trials}
@@ -154,8 +145,8 @@ def test_asha_stops_the_poor_trial_nests_trials_in_mlflow_and_registers_the_best
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(registered_tune_base, strata_home, sft_file):
-    path = write_sweep(strata_home, registered_tune_base, sft_file, scheduler={"type": "fifo"}, max_steps=10)
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(registered_base, strata_home, sft_file):
+    path = write_sweep(strata_home, registered_base, sft_file, scheduler={"type": "fifo"}, max_steps=10)
     env = {**os.environ, "STRATA_HOME": str(strata_home), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(ROOT / "jobs/tune.py"), "--config", str(path)]

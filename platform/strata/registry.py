@@ -139,6 +139,34 @@ def resolve_model(spec: str) -> ResolvedModel:
     )
 
 
+@dataclass(frozen=True)
+class FineTune:
+    """A registered LoRA or QLoRA fine-tune, as its run recorded it: the base version and the adapter it trained."""
+
+    base: str  # models:/NAME/VERSION
+    adapter: str  # runs:/RUN_ID/adapter
+    method: str  # lora or qlora
+
+
+def fine_tune_of(spec: str) -> FineTune | None:
+    """What a registered version was fine-tuned from (`strata.job=finetune` tags and its run's `adapter`
+    artifact); None for a directory, a pretrained version or a full fine-tune, which have no adapter to share."""
+    if not spec.startswith("models:/"):
+        return None
+    name, _, ref = spec.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if ref:
+        version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number)
+    tags = version.tags
+    if tags.get("strata.job") != "finetune" or tags.get("strata.method") not in ("lora", "qlora"):
+        return None
+    base = f"models:/{tags['base_model']}/{tags['base_model_version']}"
+    return FineTune(base, f"runs:/{version.run_id}/adapter", tags["strata.method"])
+
+
 def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
     """The transformers directory of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`)."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst and str(dst)))

@@ -192,6 +192,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         num_gpus=args.num_gpus,
         resources=parse_resources(args.resources),
         max_batch_size=args.max_batch_size,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        share_base=args.share_base,
         requests_per_minute=args.requests_per_minute,
         burst=args.burst,
         keys_file=os.path.abspath(args.keys_file) if args.keys_file else None,
@@ -320,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resources", help="custom Ray resources per model replica, as JSON: '{\"serve_gpu\": 1}' (cluster/aws.yaml)"
     )
     dep.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per replica")
+    dep.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="what replicas compute in (auto: bf16 on a GPU or a CPU with native bf16, else fp32)",
+    )
+    dep.add_argument(
+        "--quantization", default="none", choices=["none", "int8", "nf4"], help="weight-only, linear layers + experts"
+    )
+    dep.add_argument(
+        "--share-base",
+        action="store_true",
+        help="one replica for every alias: the base they were fine-tuned from, loaded once, each LoRA/QLoRA "
+        "fine-tune's adapter beside it (a replica group)",
+    )
     dep.add_argument("--requests-per-minute", type=float, default=600, help="rate limit per API key, in all")
     dep.add_argument("--burst", type=int, default=60, help="requests a key may send at once")
     dep.add_argument(

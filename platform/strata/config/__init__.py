@@ -27,10 +27,14 @@ from strata.config.serve import (
     RateLimit,
     ServeConfig,
     VariantConfig,
+    check_replica_group,
+    replica_groups,
 )
 from strata.config.training import CheckpointConfig, OptimConfig, ScalingConfig, TrackingConfig
 
 __all__ = [
+    "check_replica_group",
+    "replica_groups",
     "PRESETS",
     "TRACKS",
     "CanaryConfig",

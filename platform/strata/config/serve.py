@@ -45,7 +45,16 @@ class EngineSettings(StrictModel):
     )
     kv_cache_gb: float = Field(2.0, gt=0, description="Memory (GiB) the default kv_cache_tokens is sized for.")
     torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32; decided when "
+        "the replica loads, logged and reported in its stats. float16 needs a GPU.",
+    )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Weight-only quantisation of the linear layers and MoE experts (not the output head); they "
+        "compute in `dtype`. nf4 needs bitsandbytes.",
+    )
 
 
 class AutoscalingSettings(StrictModel):
@@ -79,6 +88,57 @@ class VariantConfig(StrictModel):
         "declares them (cluster/aws.yaml); leave empty on a laptop.",
     )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    replica_group: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Variants naming the same group share its replicas: the base loaded once, each variant's LoRA "
+        "adapter (`adapter`, or the one a registered fine-tune records) beside it, all of them decoded in one batch. "
+        "They need one base and the same replica settings (REPLICA_SETTINGS).",
+    )
+
+    @model_validator(mode="after")
+    def _group_unquantised(self) -> VariantConfig:
+        if self.replica_group and self.engine.quantization != "none":
+            raise ValueError(
+                f"variant {self.name!r}: engine.quantization {self.engine.quantization} with replica_group "
+                f"{self.replica_group!r}: a replica group's LoRA adapters wrap the base's plain linear layers, so its "
+                "base is not quantised; use quantization none (bf16 halves the weights) or serve it without a group"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _float16_on_gpu(self) -> VariantConfig:
+        if self.engine.dtype == "float16" and not self.num_gpus:
+            raise ValueError(
+                f"variant {self.name!r}: engine.dtype float16 needs a GPU (num_gpus > 0): CPUs have no fast float16 "
+                "matmul; use bfloat16 or auto"
+            )
+        return self
+
+
+# What a replica group's members must agree on: they run in the same replicas.
+REPLICA_SETTINGS = ("num_replicas", "autoscaling", "num_cpus", "num_gpus", "resources", "engine")
+
+
+def replica_groups(variants: list[VariantConfig]) -> dict[str, list[VariantConfig]]:
+    """The variants of each replica group, in config order; the config's first member sets the replica."""
+    groups: dict[str, list[VariantConfig]] = {}
+    for variant in variants:
+        if variant.replica_group:
+            groups.setdefault(variant.replica_group, []).append(variant)
+    return groups
+
+
+def check_replica_group(members: list[VariantConfig]) -> None:
+    """Members of a group run in the same replicas, so they must ask for the same ones."""
+    first = members[0]
+    for member in members[1:]:
+        for setting in REPLICA_SETTINGS:
+            if getattr(member, setting) != getattr(first, setting):
+                raise ValueError(
+                    f"variants {first.name!r} and {member.name!r} share replica_group {first.replica_group!r} but "
+                    f"differ in {setting}: {getattr(first, setting)!r} vs {getattr(member, setting)!r}"
+                )
 
 
 class RateLimit(StrictModel):
@@ -152,6 +212,8 @@ class ServeConfig(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
         validate_weights(self.initial_weights, names)
+        for members in replica_groups(self.variants).values():
+            check_replica_group(members)
         return self
 
     @model_validator(mode="after")

@@ -1,34 +1,56 @@
-"""The A/B application: a ModelServer deployment per variant behind one Router, composed in one expression."""
+"""The A/B application: a ModelServer deployment per variant behind one Router, composed in one expression.
+
+Variants of one replica group share one ModelServer deployment (`group-NAME`): the router holds the same handle
+under each of their names and tells the replica which variant a request is for. The group's members go to that
+deployment's `user_config` as well, where `deploy.add_group_variant` adds one to the running replicas."""
 
 from __future__ import annotations
 
 from ray import serve
 
-from strata.config import ServeConfig
+from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.serve.model_server import ModelServer
+from strata.serve.precision import check_precisions
 from strata.serve.router import Router
 
 
+def _model_server(name: str, variant: VariantConfig, user_config: dict | None = None):
+    """The ModelServer deployment's options: the variant's replicas, resources and autoscaling."""
+    scaling = (
+        {"autoscaling_config": variant.autoscaling.model_dump()}
+        if variant.autoscaling
+        else {"num_replicas": variant.num_replicas}
+    )
+    return ModelServer.options(
+        name=name,
+        ray_actor_options={
+            "num_cpus": variant.num_cpus,
+            "num_gpus": variant.num_gpus,
+            **({"resources": variant.resources} if variant.resources else {}),
+        },
+        # Enough concurrent requests per replica to fill the engine's batch, plus a queue behind it.
+        max_ongoing_requests=2 * variant.engine.max_batch_size,
+        **({"user_config": user_config} if user_config else {}),
+        **scaling,
+    )
+
+
 def build_application(config: ServeConfig, tracking_uri: str | None = None) -> serve.Application:
-    """The A/B application: a ModelServer deployment per variant behind one Router."""
-    variants = {}
-    for variant in config.variants:
-        scaling = (
-            {"autoscaling_config": variant.autoscaling.model_dump()}
-            if variant.autoscaling
-            else {"num_replicas": variant.num_replicas}
-        )
-        variants[variant.name] = ModelServer.options(
-            name=f"model-{variant.name}",
-            ray_actor_options={
-                "num_cpus": variant.num_cpus,
-                "num_gpus": variant.num_gpus,
-                **({"resources": variant.resources} if variant.resources else {}),
-            },
-            # Enough concurrent requests per replica to fill the engine's batch, plus a queue behind it.
-            max_ongoing_requests=2 * variant.engine.max_batch_size,
-            **scaling,
-        ).bind(config.model_name, variant.model_dump(), config.tracking_uri or tracking_uri)
+    """The A/B application: a ModelServer deployment per variant or replica group, behind one Router. A precision a
+    replica could not load is refused here, before any replica starts."""
+    check_precisions(config)
+    tracking_uri = config.tracking_uri or tracking_uri
+    groups = {}
+    for group, members in replica_groups(config.variants).items():
+        dumped = [m.model_dump() for m in members]
+        server = _model_server(f"group-{group}", members[0], {"variants": dumped})
+        groups[group] = server.bind(config.model_name, dumped[0], tracking_uri, group=dumped)
+    variants = {
+        v.name: groups[v.replica_group]
+        if v.replica_group
+        else _model_server(f"model-{v.name}", v).bind(config.model_name, v.model_dump(), tracking_uri)
+        for v in config.variants
+    }
     return Router.options(
         num_replicas=config.router_replicas,
         ray_actor_options={

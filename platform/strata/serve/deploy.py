@@ -30,9 +30,11 @@ from pydantic import ValidationError
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from strata import paths, tracking
-from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig
+from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig, replica_groups
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
+from strata.serve.precision import check_precisions
 from strata.serve.routing import Split
+from strata.serve.shared_base import check_groups
 
 IMPORT_PATH = "serve_apps.ab:build_app"
 ROUTER = "Router"
@@ -56,6 +58,9 @@ class DeployRequest:
     num_gpus: float = 0
     resources: dict[str, float] | None = None  # custom Ray resources per model replica (a cluster's serve group)
     max_batch_size: int = 32
+    dtype: str = "auto"
+    quantization: str = "none"
+    share_base: bool = False  # the variants in one replica group: one base, each fine-tune's adapter beside it
     requests_per_minute: float = 600
     burst: int = 60
     keys_file: str | None = None
@@ -83,9 +88,12 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             num_cpus=request.num_cpus,
             num_gpus=request.num_gpus,
             resources=request.resources or {},
-            engine=EngineSettings(max_batch_size=request.max_batch_size),
+            engine=EngineSettings(
+                max_batch_size=request.max_batch_size, dtype=request.dtype, quantization=request.quantization
+            ),
+            replica_group="shared" if request.share_base else None,
         )
-        return ServeConfig(
+        config = ServeConfig(
             model_name=request.model,
             variants=variants,
             weights=request.weights,
@@ -96,6 +104,9 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             audit={"path": paths.resolve("logs/audit.jsonl")},
             experiment=request.experiment,
         )
+        check_precisions(config)
+        check_groups(config)
+        return config
     except (ValueError, ValidationError) as err:
         raise ConfigError(str(err)) from None
 
@@ -146,14 +157,19 @@ def variants_from_aliases(model_name: str, aliases: list[str], **variant_options
 
 
 def application(config: ServeConfig, name: str = "strata", route_prefix: str = "/") -> dict[str, Any]:
-    """One `applications:` entry of a `serve deploy` config; the split goes to the router's user_config."""
+    """One `applications:` entry of a `serve deploy` config; the split goes to the router's user_config, each replica
+    group's members to its deployment's (`replica_groups.add_group_variant` adds to both, restarting nothing)."""
     args = config.model_dump(exclude_defaults=True)
+    groups = [
+        {"name": f"group-{group}", "user_config": {"variants": [m.model_dump(mode="json") for m in members]}}
+        for group, members in replica_groups(config.variants).items()
+    ]
     return {
         "name": name,
         "route_prefix": route_prefix,
         "import_path": IMPORT_PATH,
         "args": args,
-        "deployments": [{"name": ROUTER, "user_config": {"weights": config.initial_weights}}],
+        "deployments": [{"name": ROUTER, "user_config": {"weights": config.initial_weights}}, *groups],
     }
 
 
@@ -200,9 +216,10 @@ def required_resources(config: ServeConfig) -> dict[str, dict[str, float]]:
     """Per deployment, what the application holds once it runs: replicas x resources per replica (the minimum
     replicas of an autoscaled variant). Serve's controller and proxies hold no CPU."""
     needed = {ROUTER: {"replicas": config.router_replicas, "CPU": config.router_num_cpus, "GPU": 0.0}}
-    for variant in config.variants:
+    for variant in config.variants:  # a replica group's replicas, once: what its first member asks for
         replicas = variant.autoscaling.min_replicas if variant.autoscaling else variant.num_replicas
-        needed[f"model-{variant.name}"] = {"replicas": replicas, "CPU": variant.num_cpus, "GPU": variant.num_gpus}
+        name = f"group-{variant.replica_group}" if variant.replica_group else f"model-{variant.name}"
+        needed.setdefault(name, {"replicas": replicas, "CPU": variant.num_cpus, "GPU": variant.num_gpus})
     return needed
 
 
@@ -254,10 +271,12 @@ def set_weights(dashboard_url: str, app: str, weights: dict[str, float]) -> dict
     if not entries:
         raise ValueError(f"no application {app!r} is deployed; there are {[a['name'] for a in config['applications']]}")
     [entry] = entries
-    Split(weights, [v["name"] for v in entry["args"]["variants"]])  # refuse bad weights before Serve sees them
     deployments = [d for d in entry.get("deployments", []) if d["name"] != ROUTER]
     router = next((d for d in entry.get("deployments", []) if d["name"] == ROUTER), {"name": ROUTER})
-    entry["deployments"] = [*deployments, {**router, "user_config": {"weights": weights}}]
+    live = router.get("user_config", {})  # also the variants added to running replica groups, if any
+    names = [v["name"] for v in [*entry["args"]["variants"], *live.get("variants", [])]]
+    Split(weights, names)  # refuse bad weights before Serve sees them
+    entry["deployments"] = [*deployments, {**router, "user_config": {**live, "weights": weights}}]
     deploy(dashboard_url, config)
     return config
 

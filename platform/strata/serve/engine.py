@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from strata.data.tokenizer import stop_token_ids
@@ -65,6 +66,7 @@ class Sequence:
     generator: torch.Generator | None = None  # the request's own, when it has a seed
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked for
     logprobs_sent: int = 0
+    adapter: str | None = None  # the LoRA adapter its rows decode with, on a peft model serving several
 
     @property
     def length(self) -> int:
@@ -121,6 +123,9 @@ class Engine:
         self.on_step = on_step
         self.observer_errors = observer_errors or ObservabilityErrors()  # on_step may fail; a request never does
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # A peft model serving several adapters decodes each row with its own (peft's mixed-adapter batches).
+        self.mixed_adapters = isinstance(model, PeftModel)
+        self.model_lock = threading.Lock()  # held by each step: whoever changes the model (adds an adapter) waits
 
         self._ids = itertools.count()
         self._lock = threading.Condition()
@@ -144,7 +149,7 @@ class Engine:
 
     # -- API used by other threads ------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> int:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, adapter: str | None = None) -> int:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_context:
@@ -157,7 +162,9 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this model server's "
                 f"KV cache budget of {self.kv_cache_tokens} tokens"
             )
-        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink)
+        if adapter is not None and not self.mixed_adapters:
+            raise ValueError(f"adapter {adapter!r} asked of a model that serves none")
+        sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, adapter=adapter)
         with self._lock:
             if self.failure:
                 raise RuntimeError(f"the engine has stopped after a failure: {self.failure}")
@@ -206,7 +213,8 @@ class Engine:
                     if self._stopped:
                         return
                 try:
-                    self.step()
+                    with self.model_lock:
+                        self.step()
                 except Exception as err:  # any failure must reach every waiting client
                     self._fail_all(err)
                     return
@@ -298,7 +306,12 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, **FORWARD_OPTIONS
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            **FORWARD_OPTIONS,
+            **self._adapters(group),
         ).logits[:, -1]
         tokens = self._sample(logits, group)
         self._merge(group, cache, mask, tokens)
@@ -330,8 +343,13 @@ class Engine:
             position_ids=positions,
             past_key_values=self.cache,
             **FORWARD_OPTIONS,
+            **self._adapters(self.rows),
         ).logits[:, -1]
         self.next_tokens = self._sample(logits, self.rows)
+
+    def _adapters(self, rows: list[Sequence]) -> dict[str, list[str]]:
+        """peft's per-row adapter names; `__base__` rows take none."""
+        return {"adapter_names": [s.adapter or "__base__" for s in rows]} if self.mixed_adapters else {}
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
         """Each row's next token under its own sampling params (`sampling.sample`), recorded in its sequence here;

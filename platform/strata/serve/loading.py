@@ -8,12 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from strata.config import VariantConfig
 from strata.models.adapters import merged_model
 from strata.registry import resolve_model
-
-
-def serving_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
+from strata.serve.precision import to_serving_precision
 
 
 def fetch_adapter(uri: str) -> str:
@@ -26,15 +21,16 @@ def fetch_adapter(uri: str) -> str:
 
 
 def load_for_serving(variant: VariantConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, str]]:
-    """The model (eval mode, on the GPU if there is one), its tokenizer, and what it is (registry tags)."""
+    """The model (eval mode, on the GPU if there is one, in the variant's precision), its tokenizer, and what it is
+    (registry tags, dtype and quantisation)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = resolve_model(variant.model)
     if variant.adapter:
         model = merged_model(base.directory, "lora", fetch_adapter(variant.adapter))
     else:
         model = AutoModelForCausalLM.from_pretrained(base.directory)
-    model = model.to(device=device, dtype=serving_dtype(variant.engine.dtype, device)).eval()
+    model, precision = to_serving_precision(model, variant, device)
     model.config.output_router_logits = False  # router logits feed training losses only
     tokenizer = AutoTokenizer.from_pretrained(base.directory)
-    info = {**base.tags, **({"adapter": variant.adapter} if variant.adapter else {})}
+    info = {**base.tags, **({"adapter": variant.adapter} if variant.adapter else {}), **precision}
     return model, tokenizer, info

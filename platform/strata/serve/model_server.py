@@ -38,20 +38,32 @@ class ModelServer:
     """One model version behind a continuous-batching engine. Its `generate` streams chunks of text.
 
     The first chunk is either an error (the prompt does not fit, or its prefill failed) or the result of the
-    prefill, so a caller knows whether the request was accepted before it answers its client."""
+    prefill, so a caller knows whether the request was accepted before it answers its client.
 
-    def __init__(self, model_name: str, variant: dict[str, Any], tracking_uri: str | None):
+    A replica group's server (`group`: its members' variant configs) serves several variants on one base, each
+    request decoded with its variant's adapter (`shared_base.SharedBase`); its `variant` settings are the first
+    member's, and its metrics carry the group's name as their variant. Its `user_config` lists the members too, so
+    a variant added to a running group is loaded by `reconfigure`, into the running replicas, base untouched."""
+
+    def __init__(
+        self, model_name: str, variant: dict[str, Any], tracking_uri: str | None, group: list[dict] | None = None
+    ):
         import torch
 
         from strata import tracking
         from strata.models.moe_stats import ExpertLoadRecorder
         from strata.serve.loading import load_for_serving
+        from strata.serve.shared_base import SharedBase
 
         self.config = VariantConfig.model_validate(variant)
         if tracking_uri:
             tracking.use_store(tracking_uri)  # the registry too: a $MLFLOW_REGISTRY_URI on the node must not win
         torch.set_num_threads(self.config.engine.torch_threads or max(1, round(self.config.num_cpus)))
-        model, self.tokenizer, self.info = load_for_serving(self.config)
+        self.shared = SharedBase([VariantConfig.model_validate(v) for v in group]) if group else None
+        if self.shared:
+            model, self.tokenizer, self.info = self.shared.model, self.shared.tokenizer, self.shared.info
+        else:
+            model, self.tokenizer, self.info = load_for_serving(self.config)
         self.token_bytes = token_bytes(self.tokenizer)  # what logprobs report of each token
         # Metrics and hooks record their failures here (logged, counted): observability never fails a request.
         self.observer_errors = ObservabilityErrors()
@@ -71,7 +83,7 @@ class ModelServer:
             observer_errors=self.observer_errors,
         )
 
-        tags = {"model": model_name, "variant": self.config.name}
+        tags = {"model": model_name, "variant": self.config.replica_group if group else self.config.name}
         self.ttft = Histogram(
             "strata_serve_time_to_first_token_seconds", boundaries=LATENCY_BUCKETS, tag_keys=tuple(tags)
         )
@@ -89,6 +101,16 @@ class ModelServer:
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
         threading.Thread(target=self.engine.run, name="strata-engine", daemon=True).start()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the adapters of the group's members it does not serve yet, between two engine steps."""
+        if not self.shared:
+            raise ValueError("only a replica group's server takes a user_config (its `variants`)")
+        for variant in user_config.get("variants", []):
+            variant = VariantConfig.model_validate(variant)
+            if variant.name not in self.shared.adapter_of:
+                with self.engine.model_lock:
+                    self.shared.add(variant)
 
     def _record_step(self, stats: StepStats) -> None:
         """Runs on the engine thread after every iteration. Exports at most every METRICS_INTERVAL_S, and when the
@@ -178,6 +200,12 @@ class ModelServer:
         started = time.perf_counter()
         prompts = self.prompt_ids(request)
         refusal = self.refusal(prompts, request)
+        adapter = None
+        if self.shared and not refusal:
+            adapter = self.shared.adapter_of.get(request.get("variant"))
+            if adapter is None:
+                missing = f"this replica group serves no variant {request.get('variant')!r}"
+                refusal = {"error": missing, "status": 404, "code": "model_not_found"}
         if refusal:
             yield refusal
             return
@@ -196,7 +224,7 @@ class ModelServer:
                     params = self.sampling_params(request, candidate)
                     sink = functools.partial(_deliver, loop, outputs, index)
                     try:
-                        request_id = self.engine.submit(ids, params, sink)
+                        request_id = self.engine.submit(ids, params, sink, adapter)
                     except ValueError as err:  # more than this replica's KV cache can ever hold
                         yield _bad_request(str(err), "max_tokens", "context_length_exceeded")
                         return

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from strata.config import ServeConfig
+from strata.config import ServeConfig, VariantConfig
 from strata.serve import protocol
 from strata.serve.audit import AuditLog
 from strata.serve.auth import Authenticator, RateLimiter, key_hashes
@@ -136,7 +136,16 @@ class Router:
         self.observer_errors = ObservabilityErrors()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """New split weights, applied live: requests in flight keep the variant they were given."""
+        """New split weights, applied live: requests in flight keep the variant they were given. `variants` lists the
+        variants added to a running replica group since the application started (`deploy.add_group_variant`): each
+        is served by its group's handle, the group's replicas having loaded its adapter."""
+        groups = {v.replica_group: self.variants[v.name] for v in self.config.variants if v.replica_group}
+        for added in user_config.get("variants", []):
+            variant = VariantConfig.model_validate(added)
+            if variant.replica_group not in groups:
+                raise ValueError(f"variant {variant.name!r} names no replica group of this application")
+            self.variants[variant.name] = groups[variant.replica_group]
+            self.variant_configs[variant.name] = variant
         weights = user_config.get("weights") or self.config.initial_weights
         self.split = Split(weights, list(self.variants), salt=self.config.split_salt)
         for name, share in self.split.shares().items():
@@ -191,6 +200,7 @@ class Router:
             request = engine_request(
                 body, protocol.max_tokens_of(body, engine.default_max_tokens, engine.max_tokens_limit)
             )
+            request["variant"] = record.variant  # a replica group serves several: it picks the variant's adapter
             record.prompt = request["messages"] or body.prompt
             model_server = self.variants[record.variant]
             if body.stream:

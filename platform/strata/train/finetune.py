@@ -6,6 +6,7 @@ after, the merged export and its registry tags); workers run `finetune_loop_per_
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,12 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         "strata.dataset_hash": dataset.dataset_hash,
         **base.tags,
     }
-    with tracking.start_run(
-        cfg.tracking.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=tracking.FINETUNING
-    ) as run:
+    with (
+        tracking.start_run(
+            cfg.tracking.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=tracking.FINETUNING
+        ) as run,
+        contextlib.ExitStack() as checkpoint_copies,
+    ):
         run_id = run.info.run_id
         mlflow.log_text(dump_config(cfg), "config.yaml")
         tracking.log_sft_data(dataset)
@@ -84,7 +88,8 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {run_name} finished without a checkpoint")
-        ckpt_dir = Path(result.checkpoint.to_directory())
+        # In place when storage is local; a copy, removed on exit, when it is remote.
+        ckpt_dir = Path(checkpoint_copies.enter_context(result.checkpoint.as_directory()))
 
         adapter_dir = ckpt_dir / ADAPTER_DIR
         tuned = trainable_model(

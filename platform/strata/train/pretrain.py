@@ -27,7 +27,7 @@ from strata.train.trainer import make_trainer
 class PretrainResult:
     run_id: str
     checkpoint_path: str
-    model_dir: str  # the final transformers directory (inside the last checkpoint)
+    model_dir: str  # the final transformers directory inside the last checkpoint (local storage; else registry)
     metrics: dict
     registered_version: str | None
     first_loss: float | None
@@ -57,19 +57,21 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
-        checkpoint_dir = Path(result.checkpoint.to_directory())
-        model_dir = checkpoint_dir / MODEL_DIR
-        if (checkpoint_dir / EXPERT_LOAD).exists():
-            mlflow.log_artifact(str(checkpoint_dir / EXPERT_LOAD))
-        if not registry.already_registered(run, result.checkpoint.path):
-            mlflow.log_artifacts(data.tokenizer_dir, "tokenizer")
-        version = registry.register_once(
-            run,
-            result.checkpoint.path,
-            model_dir,
-            cfg.tracking.registered_model,
-            tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name, **lineage},
-        )
+        # The checkpoint in place when storage is local (as_directory copies only a remote one, and removes the copy).
+        with result.checkpoint.as_directory() as checkpoint_path:
+            checkpoint_dir = Path(checkpoint_path)
+            model_dir = checkpoint_dir / MODEL_DIR
+            if (checkpoint_dir / EXPERT_LOAD).exists():
+                mlflow.log_artifact(str(checkpoint_dir / EXPERT_LOAD))
+            if not registry.already_registered(run, result.checkpoint.path):
+                mlflow.log_artifacts(data.tokenizer_dir, "tokenizer")
+            version = registry.register_once(
+                run,
+                result.checkpoint.path,
+                model_dir,
+                cfg.tracking.registered_model,
+                tags={"strata.run_name": cfg.run_name, "strata.preset": cfg.model.name, **lineage},
+            )
     history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     first_loss = min(history, key=lambda m: m.step).value if history else None
     return PretrainResult(

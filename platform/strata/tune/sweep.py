@@ -191,9 +191,12 @@ def _register_best(tune: TuneConfig, base_tree: dict, best: dict, parent) -> str
     }
     experiment_id = mlflow.get_experiment_by_name(tune.experiment).experiment_id
     best_run = tracking.find_run(experiment_id, cfg.run_name)
-    checkpoint = Path(ray.train.Checkpoint(best["checkpoint"]).to_directory())
-    with tempfile.TemporaryDirectory() as export_dir, mlflow.start_run(run_id=best_run, nested=True):
-        model_dir = export_model(tune.job, cfg, checkpoint, Path(export_dir))
+    with (
+        ray.train.Checkpoint(best["checkpoint"]).as_directory() as checkpoint,
+        tempfile.TemporaryDirectory() as export_dir,
+        mlflow.start_run(run_id=best_run, nested=True),
+    ):
+        model_dir = export_model(tune.job, cfg, Path(checkpoint), Path(export_dir))
         version = registry.log_model(model_dir, tune.registered_model, tags=tags)
     mlflow.set_tag(REGISTERED_TAG, str(version.version))
     return str(version.version)

@@ -1,0 +1,63 @@
+"""Adding a variant to a running replica group: its replicas load one more adapter, and nothing restarts.
+
+Serve restarts every replica of an application whose `args` change (they are its code version), so a variant added
+live stays out of the args: it goes to the `user_config` of its group's deployment, whose `reconfigure` loads its
+adapter into the running replicas (and into any replica started later), and to the router's, which sends its
+share of the traffic to the group's handle. Each is a config Serve applies with `reconfigure`, restarting nothing:
+the base stays loaded and requests in flight go on.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from strata.config import ServeConfig, VariantConfig, replica_groups
+from strata.serve.deploy import ROUTER, deploy, running_config
+from strata.serve.routing import Split
+
+
+def add_group_variant(
+    dashboard_url: str,
+    app: str,
+    group: str,
+    name: str,
+    weight: float,
+    adapter: str | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """Serve variant `name` from replica group `group` of the running application `app`, with `weight` in the split:
+    the group's base plus `adapter`, or the registered LoRA fine-tune `model` of that base. Its replica settings are
+    the group's. Returns the config that was deployed."""
+    config = copy.deepcopy(running_config(dashboard_url))
+    entries = [a for a in config["applications"] if a["name"] == app]
+    if not entries:
+        raise ValueError(f"no application {app!r} is deployed; there are {[a['name'] for a in config['applications']]}")
+    [entry] = entries
+    deployments = {d["name"]: d for d in entry.get("deployments", [])}
+    router = deployments.get(ROUTER, {"name": ROUTER})
+    live = router.get("user_config", {})
+    serve_config = ServeConfig.model_validate(entry["args"])
+    added = [VariantConfig.model_validate(v) for v in live.get("variants", [])]
+    members = replica_groups([*serve_config.variants, *added]).get(group)
+    if not members:
+        raise ValueError(f"application {app!r} has no replica group {group!r}")
+    if not adapter and not model:
+        raise ValueError("a variant added to a replica group needs an adapter or a registered fine-tune (model)")
+    known = [v.name for v in [*serve_config.variants, *added]]
+    if name in known:
+        raise ValueError(f"application {app!r} already has a variant {name!r}")
+    update = {"name": name, "model": model or members[0].model, "adapter": adapter}
+    variant = VariantConfig.model_validate(members[0].model_dump() | update)  # the name's pattern, as in a config
+    weights = {**(live.get("weights") or serve_config.initial_weights), name: weight}
+    Split(weights, [*known, name])  # refuse bad weights before Serve sees them
+    server = f"group-{group}"
+    deployments[server] = {
+        **deployments.get(server, {"name": server}),
+        "user_config": {"variants": [m.model_dump(mode="json") for m in [*members, variant]]},
+    }
+    added_dump = [v.model_dump(mode="json") for v in [*added, variant]]
+    deployments[ROUTER] = {**router, "user_config": {**live, "weights": weights, "variants": added_dump}}
+    entry["deployments"] = list(deployments.values())
+    deploy(dashboard_url, config)
+    return config

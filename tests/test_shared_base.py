@@ -1,0 +1,125 @@
+"""Many LoRA variants on one base, without Ray: the mixed-adapter batch against each variant's merged model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_adapters import make_adapter
+from test_engine import Collector, reference
+from transformers import AutoModelForCausalLM
+
+from strata.config import EngineSettings, ServeConfig, VariantConfig
+from strata.models.adapters import merged_model
+from strata.serve.engine import Engine, SamplingParams
+from strata.serve.shared_base import SharedBase
+
+FP32 = EngineSettings(dtype="float32")  # compared token for token with fp32 references
+PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __init__(self, text):\n", "x = 1"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_base, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+
+
+def group(tiny_base, adapters) -> list[VariantConfig]:
+    return [
+        VariantConfig(name="a", model=str(tiny_base), adapter=str(adapters["a"]), replica_group="g", engine=FP32),
+        VariantConfig(name="base", model=str(tiny_base), replica_group="g", engine=FP32),
+        VariantConfig(name="b", model=str(tiny_base), adapter=str(adapters["b"]), replica_group="g", engine=FP32),
+    ]
+
+
+def test_rows_of_different_adapters_in_one_batch_decode_as_their_merged_models(tiny_base, adapters):
+    shared = SharedBase(group(tiny_base, adapters))
+    assert shared.adapter_of == {"a": "a", "base": "__base__", "b": "b"}
+    engine = Engine(shared.model, shared.tokenizer, max_batch_size=8)
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    submitted = []  # rows of all three variants join the running batch at different steps
+    with torch.inference_mode():
+        for step, (prompt, variant) in enumerate((p, v) for p in PROMPTS for v in ("a", "base", "b")):
+            submitted.append((prompt, variant, Collector()))
+            ids = shared.tokenizer.encode(prompt, add_special_tokens=False)
+            engine.submit(ids, params, submitted[-1][2], adapter=shared.adapter_of[variant])
+            if step % 2:
+                engine.step()
+        while not all(c.done.is_set() for *_, c in submitted):
+            engine.step()
+    models = {name: merged_model(str(tiny_base), "lora", str(adapters[name])).eval() for name in ("a", "b")}
+    models["base"] = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    for model in models.values():
+        model.config.output_router_logits = False
+    expected = {(p, v): reference(models[v], shared.tokenizer, p, 12) for p in PROMPTS for v in models}
+    assert len({expected[(PROMPTS[0], v)] for v in models}) == 3, "the adapters are too alike to tell apart"
+    for prompt, variant, collector in submitted:
+        assert collector.text == expected[(prompt, variant)], (prompt, variant)
+
+
+def test_adapters_peft_cannot_mix_are_refused_naming_the_variant(tiny_base, tmp_path):
+    experts = make_adapter(
+        tiny_base, tmp_path / "experts", 3, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]
+    )
+    variants = [VariantConfig(name="moe", model=str(tiny_base), adapter=str(experts), replica_group="g", engine=FP32)]
+    with pytest.raises(ValueError, match="variant 'moe'.*target_parameters"):
+        SharedBase(variants)
+    with pytest.raises(ValueError, match="replica group 'g' has no adapter"):
+        SharedBase([VariantConfig(name="base", model=str(tiny_base), replica_group="g", engine=FP32)])
+
+
+def test_a_replica_group_needs_one_set_of_unquantised_replica_settings():
+    quantized = {"name": "a", "model": "m", "replica_group": "g", "engine": {"quantization": "int8"}}
+    with pytest.raises(ValueError, match="variant 'a': engine.quantization int8 with replica_group 'g'"):
+        ServeConfig(model_name="m", variants=[quantized])
+    variants = [
+        {"name": "a", "model": "m", "adapter": "x", "replica_group": "g"},
+        {"name": "b", "model": "m", "adapter": "y", "replica_group": "g", "num_cpus": 1},
+    ]
+    with pytest.raises(ValueError, match="'a' and 'b' share replica_group 'g' but differ in num_cpus"):
+        ServeConfig(model_name="m", variants=variants)
+
+
+def register_fine_tune(tiny_base, adapter_dir, method: str) -> str:
+    """A base version and a fine-tune of it, tagged and logged as `strata finetune` does (the adapter as an
+    artifact of the run that registered it); the fine-tune's registered model is a copy of the base: only its
+    tags and its run's adapter are read."""
+    import mlflow
+
+    from strata import registry, tracking
+
+    tracking.use_store()
+    with tracking.start_run("shared-base", f"base-{method}", {}):
+        base = registry.log_model(tiny_base, "tiny")
+    tags = {"strata.job": "finetune", "strata.method": method, "base_model": "tiny", "base_model_version": base.version}
+    with tracking.start_run("shared-base", f"tune-{method}", {}, tags=tags):
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        tuned = registry.log_model(tiny_base, "tiny", tags=tags)
+    return f"models:/tiny/{tuned.version}", f"models:/tiny/{base.version}"
+
+
+def test_registered_lora_and_qlora_fine_tunes_share_their_recorded_base(tiny_base, adapters, strata_home):
+    tuned, base = register_fine_tune(tiny_base, adapters["a"], "lora")
+    shared = SharedBase(
+        [
+            VariantConfig(name="tuned", model=tuned, replica_group="g", engine=FP32),
+            VariantConfig(name="stable", model=base, replica_group="g", engine=FP32),
+        ]
+    )
+    assert shared.adapter_of == {"tuned": "tuned", "stable": "__base__"}
+    assert shared.info["tuned"]["base"] == base and shared.info["tuned"]["adapter"].endswith("/adapter")
+    engine = Engine(shared.model, shared.tokenizer)
+    collector = Collector()
+    engine.submit(
+        shared.tokenizer.encode(PROMPTS[0], add_special_tokens=False), SamplingParams(12, 0.0), collector, "tuned"
+    )
+    with torch.inference_mode():
+        while not collector.done.is_set():
+            engine.step()
+    merged = merged_model(str(tiny_base), "lora", str(adapters["a"])).eval()
+    merged.config.output_router_logits = False
+    assert collector.text == reference(merged, shared.tokenizer, PROMPTS[0], 12)
+
+    qlora, qlora_base = register_fine_tune(tiny_base, adapters["b"], "qlora")  # on the base it was quantised from
+    shared = SharedBase([VariantConfig(name="q", model=qlora, replica_group="g", engine=FP32)])
+    assert shared.adapter_of == {"q": "q"} and shared.info["q"]["method"] == "qlora"
+    assert shared.info["q"]["base"] == qlora_base
