@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 from strata import registry, tracking
 from strata.config import FinetuneConfig, LoraSettings, OptimConfig
 from strata.models.adapters import ADAPTER_DIR, merged_model, save_trained, trainable_model
+from strata.models.quantized_experts import QuantizedExpertWeight
 from strata.train.finetune import run_finetuning
 from strata.train.trainer import make_optimizer
 
 CPU = torch.device("cpu")
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 RECORDS = [{"prompt": f"Write function number {i}", "response": f"def f{i}():\n    return {i}\n"} for i in range(240)]
 
 
@@ -35,6 +37,8 @@ def train_steps(model, steps: int = 3, lr: float = 1e-2) -> None:
 def test_only_adapter_parameters_change(tiny_base, method):
     settings = LoraSettings(rank=4, dropout=0, target_parameters=["mlp.experts.gate_up_proj"])
     model = trainable_model(str(tiny_base), method, settings, CPU)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedExpertWeight)]
+    assert len(quantized) == (4 if method == "qlora" else 0)  # QLoRA's experts are NF4 too (2 layers, 2 each)
     # state_dict() is the canonical form of 4-bit weights (bitsandbytes may repack them for CPU kernels).
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model)
@@ -48,12 +52,16 @@ def test_only_adapter_parameters_change(tiny_base, method):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_merged_model_matches_base_plus_adapter(tiny_base, tmp_path, method):
-    model = trainable_model(str(tiny_base), method, LoraSettings(rank=4, dropout=0), CPU)
+    settings = LoraSettings(rank=4, dropout=0, target_parameters=EXPERTS)
+    model = trainable_model(str(tiny_base), method, settings, CPU)
     train_steps(model, lr=3e-3)
     save_trained(model, tmp_path, method)
     ids = torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
+        # a resumed run reloads the adapter onto a freshly quantised base: it must compute exactly the same
+        resumed = trainable_model(str(tiny_base), method, settings, CPU, adapter_dir=str(tmp_path / ADAPTER_DIR))
+        assert torch.equal(resumed.eval()(input_ids=ids).logits, expected)
         got = merged_model(str(tiny_base), method, str(tmp_path / ADAPTER_DIR)).eval()(input_ids=ids).logits
     if method == "lora":
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

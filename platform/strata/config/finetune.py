@@ -71,6 +71,10 @@ class FinetuneConfig(BatchedJob):
     base_model: str = Field(..., description="models:/NAME@ALIAS, models:/NAME/VERSION, a local HF dir or hub id.")
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    quantize_experts: bool = Field(
+        True,
+        description="QLoRA only: store the fused MoE expert weights in NF4 too (bitsandbytes does only nn.Linear).",
+    )
     gradient_checkpointing: bool = False
     data: SFTDataConfig = Field(default_factory=SFTDataConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=5, max_steps=100))

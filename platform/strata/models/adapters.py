@@ -2,8 +2,9 @@
 
 QLoRA is LoRA with `quantize_base=True`: the frozen base's linear layers are loaded as 4-bit NF4 with double
 quantisation (compute in bf16 on GPU, fp32 on CPU). Qwen3-MoE keeps its experts as fused 3-D parameters,
-not nn.Linear, so bitsandbytes leaves them unquantised and LoRA reaches them through peft's
-`target_parameters` (e.g. `mlp.experts.gate_up_proj`).
+not nn.Linear, so bitsandbytes leaves them alone; `quantize_experts` (on by default) stores them as NF4 too
+(`strata.models.quantized_experts`), and LoRA still reaches them through peft's `target_parameters`
+(e.g. `mlp.experts.gate_up_proj`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from strata.config import LoraSettings
+from strata.models import quantized_experts
 
 ADAPTER_DIR = "adapter"
 
@@ -28,15 +30,18 @@ def quantization_config(use_gpu: bool) -> BitsAndBytesConfig:
     )
 
 
-def load_base(directory: str, method: str, device: torch.device) -> PreTrainedModel:
+def load_base(directory: str, method: str, device: torch.device, quantize_experts: bool = True) -> PreTrainedModel:
     if method == "qlora":
         quantization = quantization_config(device.type == "cuda")
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             directory,
             quantization_config=quantization,
-            dtype=quantization.bnb_4bit_compute_dtype,  # the unquantised rest (embeddings, experts, norms)
+            dtype=quantization.bnb_4bit_compute_dtype,  # the unquantised rest (embeddings, norms, router)
             device_map={"": device},
         )
+        if quantize_experts:
+            quantized_experts.quantize_experts(model, "nf4", quantization.bnb_4bit_compute_dtype)
+        return model
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
 
@@ -59,9 +64,10 @@ def trainable_model(
     device: torch.device,
     gradient_checkpointing: bool = False,
     adapter_dir: str | None = None,
+    quantize_experts: bool = True,
 ) -> PreTrainedModel:
     """The model to train: the full model, or the frozen base with a (new or resumed) LoRA adapter."""
-    model = load_base(directory, method, device)
+    model = load_base(directory, method, device, quantize_experts)
     if method == "full":
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -76,16 +82,20 @@ def trainable_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if adapter_dir:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-    return get_peft_model(model, lora_config(settings))
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(settings))
+    quantized_experts.keep_out_of_ddp(model)
+    return model
 
 
-def merged_model(directory: str, method: str, adapter_dir: str) -> PreTrainedModel:
+def merged_model(directory: str, method: str, adapter_dir: str, quantize_experts: bool = True) -> PreTrainedModel:
     """Base + adapter folded into plain weights; for QLoRA into the *dequantised* 4-bit base it trained on."""
     cpu = torch.device("cpu")
-    base = load_base(directory, method, cpu)
+    base = load_base(directory, method, cpu, quantize_experts)
     if method == "qlora":
         base = base.dequantize()
+        quantized_experts.dequantize_experts(base)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config  # the export is a plain fp32 model

@@ -19,6 +19,7 @@ import bitsandbytes.functional as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -130,18 +131,14 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, quantized_experts_forward)
 
 
 def _fused_experts(model: nn.Module) -> list[nn.Module]:
-    """The modules holding fused 3-D expert weights (and no peft wrappers: those hold them through base_layer)."""
-    return [
-        m
-        for m in model.modules()
-        if all(isinstance(getattr(m, n, None), (nn.Parameter, QuantizedExpertWeight)) for n in EXPERT_PARAMS)
-        and hasattr(m, "num_experts")
-    ]
+    """The modules that own fused 3-D expert weights (not peft's wrappers, which reach them through base_layer)."""
+    return [m for m in model.modules() if all(n in m._parameters for n in EXPERT_PARAMS) and hasattr(m, "num_experts")]
 
 
-def _placeholder(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
-    """A one-element tensor seen at full shape: peft reads the shape and device from it, nothing reads the values."""
-    return nn.Parameter(torch.zeros((), device=like.device, dtype=dtype).expand(shape), requires_grad=False)
+def _placeholder(shape: tuple[int, ...], device: torch.device) -> nn.Parameter:
+    """A one-element tensor seen at full shape: peft reads its shape, device and dtype (LoRA weights follow it, so
+    fp32) and nothing reads its values. fp32 also keeps peft's kbit preparation from upcasting it to full size."""
+    return nn.Parameter(torch.zeros((), device=device).expand(shape), requires_grad=False)
 
 
 def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], compute_dtype: torch.dtype) -> int:
@@ -151,17 +148,28 @@ def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], com
     count = 0
     for experts in _fused_experts(model):
         for name in EXPERT_PARAMS:
-            if parametrize.is_parametrized(experts, name):
-                raise ValueError(f"quantise the experts before adding LoRA: {name} is already parametrised")
+            if hasattr(experts, f"{name}_quantized"):
+                continue  # quantised already: what is left is its placeholder
             weight = experts._parameters.pop(name)
             quantized = QuantizedExpertWeight(weight.to(compute_dtype), scheme, compute_dtype)
             experts.add_module(f"{name}_quantized", quantized)
-            experts.register_parameter(name, _placeholder(quantized.shape, weight, compute_dtype))
+            experts.register_parameter(name, _placeholder(quantized.shape, weight.device))
             count += 1
     if count and model.config._experts_implementation != IMPLEMENTATION:
         model.experts_implementation_before_quantization = model.config._experts_implementation
         model.config._experts_implementation = IMPLEMENTATION
     return count
+
+
+def keep_out_of_ddp(model: nn.Module) -> None:
+    """Tell DDP to leave the quantised experts alone: its start-up broadcast cannot write into a placeholder (one
+    element seen at full size), and every rank quantises the same frozen base to the same bytes anyway."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedExpertWeight):
+            names += [f"{prefix}.{buffer}" for buffer, _ in module.named_buffers()]
+            names.append(prefix.removesuffix("_quantized"))  # the placeholder next to it
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def dequantize_experts(model: PreTrainedModel) -> None:

@@ -98,6 +98,7 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
             cfg.lora,
             cpu,
             adapter_dir=None if cfg.method == "full" else str(adapter_dir),
+            quantize_experts=cfg.quantize_experts,
         )
         tuned_samples = sample_outputs(tuned, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
         samples = [
@@ -116,7 +117,11 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
                 mlflow.log_artifacts(str(adapter_dir), "adapter")
         with tempfile.TemporaryDirectory() as export_dir:
             if not already:
-                merged = merged_model(base.directory, cfg.method, str(adapter_dir)) if cfg.method != "full" else tuned
+                merged = (
+                    merged_model(base.directory, cfg.method, str(adapter_dir), cfg.quantize_experts)
+                    if cfg.method != "full"
+                    else tuned
+                )
                 merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged.generation_config)
                 merged.save_pretrained(export_dir)
                 tokenizer.save_pretrained(export_dir)

@@ -131,7 +131,9 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     if cfg.method == "full" and resumed_dir:
         base_dir = str(Path(resumed_dir) / "model")
     adapter_dir = str(Path(resumed_dir) / ADAPTER_DIR) if resumed_dir and cfg.method != "full" else None
-    model = trainable_model(base_dir, cfg.method, cfg.lora, device, cfg.gradient_checkpointing, adapter_dir)
+    model = trainable_model(
+        base_dir, cfg.method, cfg.lora, device, cfg.gradient_checkpointing, adapter_dir, cfg.quantize_experts
+    )
     # A 4-bit model is placed on its device at load time; moving it again is not supported.
     model = ray.train.torch.prepare_model(model, move_to_device=cfg.method != "qlora")
     optimizer, scheduler, step, cursor = optimizer_and_schedule(model, cfg.optim, state)

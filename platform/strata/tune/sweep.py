@@ -211,6 +211,7 @@ def export_model(job: str, cfg, checkpoint: Path, export_dir: Path) -> Path:
     from strata.models.adapters import ADAPTER_DIR, merged_model
 
     base = registry.resolve_model(cfg.base_model)
-    merged_model(base.directory, cfg.method, str(checkpoint / ADAPTER_DIR)).save_pretrained(export_dir)
+    merged = merged_model(base.directory, cfg.method, str(checkpoint / ADAPTER_DIR), cfg.quantize_experts)
+    merged.save_pretrained(export_dir)
     AutoTokenizer.from_pretrained(base.directory).save_pretrained(export_dir)
     return export_dir
