@@ -2,7 +2,7 @@
 
 Variants of one replica group share one ModelServer deployment (`group-NAME`): the router holds the same handle
 under each of their names and tells the replica which variant a request is for. The group's members go to that
-deployment's `user_config` as well, where `deploy.add_group_variant` adds one to the running replicas."""
+deployment's `user_config` as well, where `replica_groups.add_group_variant` adds one to the running replicas."""
 
 from __future__ import annotations
 
