@@ -111,6 +111,7 @@ def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registered_base, strata_home, method):
+    """Two workers, so QLoRA's quantised experts also go through DDP's start-up broadcast (keep_out_of_ddp)."""
     train_file = strata_home / "sft.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + '{"prompt": "broken"}\n')
     cfg = finetune_config(registered_base, method, train_file, max_steps=20)
