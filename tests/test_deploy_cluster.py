@@ -40,7 +40,7 @@ def stop_cluster(directory: Path) -> None:
     processes = processes_under(directory)
     for process in processes:
         process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=15)
+    _, alive = psutil.wait_procs(processes, timeout=5)  # a graceful head stop waits 30 s on its children
     for process in alive:
         process.kill()
 
