@@ -17,7 +17,44 @@ SMALL_CORPUS_FILES = 120
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def object_store() -> Iterator[str]:
+    """A local S3-compatible server (moto's) with one bucket; its endpoint and test credentials are exported
+    before Ray starts, so every worker reaches it the way nodes reach S3. Yields `s3://BUCKET`."""
+    import socket
+    import subprocess
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket="strata-test")
+            break
+        except Exception:
+            assert server.poll() is None and time.time() < deadline, "the local S3 server did not start"
+            time.sleep(0.5)
+    yield "s3://strata-test"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_session(object_store):
     """A fresh local Ray instance (never an existing cluster), shut down at the end of the session."""
     import ray
 

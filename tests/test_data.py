@@ -11,7 +11,7 @@ import pytest
 
 from strata.config import DataConfig
 from strata.data.corpus import CorpusManifest, build_corpus, iter_texts
-from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
+from strata.data.packing import ROWS_PER_GROUP, DataCursor, GlobalBatchSchedule, PackedSequences, load_packed
 from strata.data.prepare import prepare_data
 from strata.data.tokenizer import BOS, EOS, PAD, load_tokenizer, train_tokenizer
 
@@ -79,6 +79,22 @@ def test_packing_is_dense_and_documents_are_eos_separated(small_data):
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     assert (packed == tokenizer.eos_token_id).sum() >= cfg.max_files - 5  # one EOS per document
     assert (packed != tokenizer.pad_token_id).all()  # packing wastes nothing on padding
+
+
+def test_streamed_reads_match_the_whole_set_and_hold_a_bounded_number_of_row_groups(small_data):
+    _, prepared = small_data
+    whole = load_packed(prepared.packed_dir)
+    assert len(whole) > 3 * ROWS_PER_GROUP  # several row groups, so the reads below cross them
+    streamed = PackedSequences(prepared.packed_dir, cached_groups=2)
+    assert (len(streamed), streamed.seq_len) == whole.shape
+    indices = np.random.default_rng(0).permutation(len(whole))[:100]
+    np.testing.assert_array_equal(streamed.take(indices).numpy(), whole[indices])
+    assert len(streamed._cache) == 2  # least recently used groups are dropped
+
+
+def test_publish_to_must_be_an_object_store_uri(tmp_path):
+    with pytest.raises(ValueError, match="publish_to must be an object-store URI"):
+        DataConfig(data_dir=str(tmp_path), publish_to=str(tmp_path / "shared"))
 
 
 def test_schedule_covers_each_epoch_once_and_splits_global_batches_across_ranks():

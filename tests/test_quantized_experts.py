@@ -106,4 +106,3 @@ def test_lora_on_quantised_experts_trains_like_lora_on_their_dequantised_weights
     assert not [n for n, p in quantized.named_parameters() if not p.requires_grad and p.grad is not None]
     after = quantized.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen_before.items())
-

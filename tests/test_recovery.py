@@ -20,8 +20,9 @@ from raycluster import FakeMetadataService, LocalCluster, start_job, start_spot_
 from safetensors.torch import load_file
 
 from strata.config import PretrainConfig
+from strata.paths import fetch
 from strata.train.faults import WorkerKiller, latest_checkpoint_step, wait_for_checkpoint
-from strata.train.pretrain import run_pretraining
+from strata.train.pretrain import pretrain_loop_config, run_pretraining
 from strata.train.pretrain_loop import MODEL_DIR
 
 pytestmark = pytest.mark.slow
@@ -72,16 +73,28 @@ def uninterrupted(ray_session, small_data, tmp_path_factory):
     return final_weights(config)
 
 
-def test_sigkilled_worker_resumes_from_checkpoint_bit_identical(ray_session, small_data, uninterrupted, tmp_path):
-    config = recovery_config(small_data[0], tmp_path, "killed-worker")
-    killer = WorkerKiller(tmp_path / "runs" / "killed-worker", after_step=10, delay_s=0).start()
+def test_sigkilled_worker_resumes_from_checkpoint_bit_identical_from_object_storage_alone(
+    ray_session, object_store, small_data, uninterrupted, tmp_path
+):
+    """As on a cluster without a shared disk: workers read the tokenizer and packed tokens from s3:// (row group by
+    row group) and checkpoint to s3://, and the resumed run still ends bit-identical to the local uninterrupted one."""
+    tree = recovery_config(small_data[0], tmp_path, "killed-worker").model_dump(mode="json")
+    tree["data"]["publish_to"] = f"{object_store}/data"
+    tree["checkpoint"]["storage_path"] = f"{object_store}/{tmp_path.name}"
+    config = PretrainConfig.model_validate(tree)
+    loop_config, _ = pretrain_loop_config(config)
+    assert all(p.startswith(f"{object_store}/data/") for p in loop_config["paths"].values()), loop_config["paths"]
+
+    run_dir = f"{config.checkpoint.storage_path}/killed-worker"
+    killer = WorkerKiller(run_dir, after_step=10, delay_s=0).start()
     result = run_pretraining(config)
     killer.join(timeout=5)
     assert killer.killed_pid, "the fault was never injected"
     # Killed mid-run, once checkpoint 10 was registered; how far training got by then depends on the machine.
     assert killer.checkpoint_at_kill is not None and 10 <= killer.checkpoint_at_kill < MAX_STEPS
 
-    assert_bit_identical(final_weights(config), uninterrupted)
+    checkpoint = fetch(f"{run_dir}/checkpoint_{MAX_STEPS:07d}")
+    assert_bit_identical(load_file(Path(checkpoint) / MODEL_DIR / "model.safetensors"), uninterrupted)
     client = MlflowClient(config.tracking.tracking_uri)
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     assert [m.value for m in resumed] == [killer.checkpoint_at_kill]  # the latest checkpoint, not step 0

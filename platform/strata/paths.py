@@ -6,8 +6,13 @@ that should write into a fixed place sets STRATA_HOME (or uses absolute paths / 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 
 def home() -> Path:
@@ -24,3 +29,45 @@ def resolve(path: str) -> str:
         return path
     candidate = Path(path).expanduser()
     return str(candidate if candidate.is_absolute() else home() / candidate)
+
+
+# -- object storage (s3://, gs://, ...) through pyarrow's file systems: the ones Ray Train writes checkpoints with --
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The file system of a local path or a URI, and the path inside it. S3 takes its endpoint, region and
+    credentials from the usual AWS variables (`AWS_ENDPOINT_URL` for an S3-compatible server)."""
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def read_text(uri: str) -> str:
+    """A small file's text; FileNotFoundError when it is not there (yet)."""
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def publish(local_dir: str | Path, uri: str) -> None:
+    """Copy a directory into object storage (or another local directory), replacing what is there."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, pafs.LocalFileSystem(), fs)
+
+
+def fetch(uri: str) -> str:
+    """A local directory with the contents of `uri`: the path itself when local, else a copy in a temp folder
+    named after the URI (fetched again each time, so a republished directory is never read stale)."""
+    if not is_remote(uri):
+        return uri
+    local = os.path.join(tempfile.gettempdir(), "strata-fetch", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local)
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, local, fs, pafs.LocalFileSystem())
+    return local

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from strata.config.base import StrictModel
 from strata.config.model import ModelConfig
 from strata.config.training import BatchedJob, CheckpointConfig, OptimConfig, ScalingConfig, TrackingConfig
-from strata.paths import resolve
+from strata.paths import is_remote, resolve
 
 
 def stdlib_source_dir() -> str:
@@ -29,6 +29,12 @@ class DataConfig(StrictModel):
     tokenizer: str | None = Field(None, description="An existing tokenizer directory; default: train one.")
     vocab_size: int = Field(4096, ge=512)
     seq_len: int = Field(128, ge=8)
+    publish_to: str | None = Field(
+        None,
+        description="An object-store URI (s3://bucket/prefix) to publish the tokenizer and packed tokens to, for "
+        "clusters whose nodes share no disk: workers then read only the row groups their batches need from there. "
+        "Unset: workers read the local directories (one machine, or a shared file system).",
+    )
 
     @field_validator("source_dir")
     @classmethod
@@ -43,6 +49,13 @@ class DataConfig(StrictModel):
         if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
             raise ValueError(f"tokenizer directory {tokenizer!r} does not exist")
         return tokenizer and str(Path(tokenizer).expanduser().resolve())
+
+    @field_validator("publish_to")
+    @classmethod
+    def _object_store(cls, uri: str | None) -> str | None:
+        if uri is not None and not is_remote(uri):
+            raise ValueError(f"publish_to must be an object-store URI such as s3://bucket/prefix, not {uri!r}")
+        return uri and uri.rstrip("/")
 
     @field_validator("extensions")
     @classmethod

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from strata.data.corpus import CorpusManifest, iter_texts
 from strata.data.tokenizer import load_tokenizer
+from strata.paths import filesystem, join
+
+ROWS_PER_GROUP = 256  # sequences per Parquet row group: the unit a worker reads
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,53 @@ def pack_corpus(corpus_dir: str | Path, tokenizer_dir: str | Path, out_dir: str 
     column = pa.FixedSizeListArray.from_arrays(pa.array(blocks), seq_len)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"input_ids": column}), out_dir / "tokens.parquet")
+    pq.write_table(pa.table({"input_ids": column}), out_dir / "tokens.parquet", row_group_size=ROWS_PER_GROUP)
     manifest = PackedManifest(**wanted, num_sequences=num_sequences, num_tokens=int(blocks.size))
     manifest_path.write_text(json.dumps(asdict(manifest), indent=2))
     return manifest
 
 
+def _to_array(column: pa.ChunkedArray) -> np.ndarray:
+    column = column.combine_chunks()
+    return column.flatten().to_numpy().astype(np.int64).reshape(len(column), -1)
+
+
 def load_packed(packed_dir: str | Path) -> np.ndarray:
     """All packed sequences as an (N, seq_len) int64 array."""
-    table = pq.read_table(Path(packed_dir) / "tokens.parquet")
-    column = table.column("input_ids").combine_chunks()
-    return column.flatten().to_numpy().astype(np.int64).reshape(len(column), -1)
+    return _to_array(pq.read_table(Path(packed_dir) / "tokens.parquet").column("input_ids"))
+
+
+class PackedSequences:
+    """The packed tokens of a local directory or an object-store URI, read one row group at a time: a worker holds
+    only the groups its batches touch (at most `cached_groups` of them), so a corpus larger than its memory trains,
+    and on a cluster without a shared disk each worker reads straight from s3://."""
+
+    def __init__(self, packed_dir: str, cached_groups: int = 64):
+        fs, path = filesystem(join(packed_dir, "tokens.parquet"))
+        self._file = pq.ParquetFile(fs.open_input_file(path))
+        sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
+        self._starts = np.cumsum([0, *sizes])
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cached_groups = cached_groups
+        self.seq_len = self._file.schema_arrow.field("input_ids").type.list_size
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _group(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+        else:
+            self._cache[index] = _to_array(self._file.read_row_group(index, columns=["input_ids"]).column(0))
+            if len(self._cache) > self._cached_groups:
+                self._cache.popitem(last=False)
+        return self._cache[index]
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """The sequences at `indices`, in that order, as an (len(indices), seq_len) int64 tensor."""
+        groups = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = [self._group(g)[i - self._starts[g]] for g, i in zip(groups, indices, strict=True)]
+        return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, self.seq_len, dtype=torch.int64)
 
 
 @dataclass

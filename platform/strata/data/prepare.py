@@ -11,6 +11,7 @@ from strata.config import DataConfig
 from strata.data.corpus import build_corpus
 from strata.data.packing import PackedManifest, pack_corpus
 from strata.data.tokenizer import train_tokenizer
+from strata.paths import join, publish, read_text
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class PreparedData:
     tokenizer_dir: str
     packed_dir: str
     packed: PackedManifest
+    # Where workers read them: the local directories, or their published copies in object storage.
+    worker_tokenizer_dir: str
+    worker_packed_dir: str
 
 
 def prepare_data(cfg: DataConfig, console: Console | None = None) -> PreparedData:
@@ -43,4 +47,24 @@ def prepare_data(cfg: DataConfig, console: Console | None = None) -> PreparedDat
     with console.status("tokenizing and packing"):
         packed = pack_corpus(root / "corpus", tokenizer_dir, packed_dir, cfg.seq_len)
     console.print(f"packed: {packed.num_sequences} sequences of {cfg.seq_len} tokens -> {packed_dir}")
-    return PreparedData(str(root / "corpus"), str(tokenizer_dir), str(packed_dir), packed)
+    worker_tokenizer_dir, worker_packed_dir = str(tokenizer_dir), str(packed_dir)
+    if cfg.publish_to:
+        worker_tokenizer_dir = join(cfg.publish_to, cfg.name, "tokenizer")
+        worker_packed_dir = join(cfg.publish_to, cfg.name, packed_dir.name)
+        with console.status(f"publishing to {cfg.publish_to}/{cfg.name}"):
+            publish_once(tokenizer_dir, worker_tokenizer_dir, "tokenizer.json")
+            publish_once(packed_dir, worker_packed_dir, "manifest.json")
+        console.print(f"published for workers: {worker_tokenizer_dir}, {worker_packed_dir}")
+    return PreparedData(
+        str(root / "corpus"), str(tokenizer_dir), str(packed_dir), packed, worker_tokenizer_dir, worker_packed_dir
+    )
+
+
+def publish_once(local_dir: Path, uri: str, identity: str) -> None:
+    """Upload `local_dir` unless the copy at `uri` already holds the same `identity` file (written last)."""
+    try:
+        if read_text(join(uri, identity)) == (local_dir / identity).read_text():
+            return
+    except FileNotFoundError:
+        pass
+    publish(local_dir, uri)

@@ -13,16 +13,26 @@ from pathlib import Path
 
 import psutil
 
+from strata.paths import join, read_text
+
 SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def read_snapshot(run_dir: str | Path) -> str:
+    """Ray Train's record of the run's registered checkpoints, in local or object storage ('' before the first)."""
+    try:
+        return read_text(join(str(run_dir), SNAPSHOT))
+    except FileNotFoundError:
+        return ""
 
 
 def wait_for_checkpoint(run_dir: str | Path, step: int, timeout_s: float = 600) -> None:
     """Until Ray Train has *registered* the checkpoint of `step` (its directory appears earlier, during upload)."""
-    snapshot, name = Path(run_dir) / SNAPSHOT, f"checkpoint_{step:07d}"
+    name = f"checkpoint_{step:07d}"
     deadline = time.time() + timeout_s
-    while not (snapshot.exists() and name in snapshot.read_text()):
+    while name not in read_snapshot(run_dir):
         if time.time() > deadline:
-            raise TimeoutError(f"{name} was not registered in {snapshot} within {timeout_s:.0f}s")
+            raise TimeoutError(f"{name} was not registered in {run_dir}/{SNAPSHOT} within {timeout_s:.0f}s")
         time.sleep(0.05)
 
 
@@ -41,17 +51,17 @@ def train_worker_pids(within_pid: int | None = None) -> list[int]:
 def latest_checkpoint_step(run_dir: str | Path) -> int | None:
     """The step of the latest checkpoint Ray Train has registered for the run, from its snapshot in storage:
     the checkpoint a restarted worker group resumes from (None before the first)."""
-    snapshot = Path(run_dir) / SNAPSHOT
     for _ in range(100):
-        try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-        except FileNotFoundError:
+        text = read_snapshot(run_dir)
+        if not text:
             return None
+        try:
+            latest = json.loads(text)["latest_checkpoint_result"]
         except json.JSONDecodeError:  # read while Ray Train rewrites it
             time.sleep(0.05)
             continue
         return latest and int(latest["metrics"]["step"])
-    raise RuntimeError(f"{snapshot} stayed unreadable")
+    raise RuntimeError(f"{run_dir}/{SNAPSHOT} stayed unreadable")
 
 
 class WorkerKiller:
@@ -62,7 +72,7 @@ class WorkerKiller:
     restarted group must resume from, however fast the machine trained meanwhile."""
 
     def __init__(self, run_dir: str | Path, after_step: int, delay_s: float = 1.0, within_pid: int | None = None):
-        self.run_dir, self.after_step, self.delay_s = Path(run_dir), after_step, delay_s
+        self.run_dir, self.after_step, self.delay_s = str(run_dir), after_step, delay_s
         self.within_pid = within_pid
         self.killed_pid: int | None = None
         self.killed_at: float | None = None

@@ -98,6 +98,6 @@ def pretrain_loop_config(cfg: PretrainConfig, console: Console | None = None) ->
     check_tokenizer_fits(cfg.model, cfg.data, load_tokenizer(data.tokenizer_dir))
     loop_config = {
         "config": cfg.model_dump(mode="json"),
-        "paths": {"tokenizer_dir": data.tokenizer_dir, "packed_dir": data.packed_dir},
+        "paths": {"tokenizer_dir": data.worker_tokenizer_dir, "packed_dir": data.worker_packed_dir},
     }
     return loop_config, data

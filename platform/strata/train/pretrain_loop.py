@@ -18,7 +18,7 @@ import ray.train.torch
 import torch
 
 from strata.config import PretrainConfig, dump_config
-from strata.data.packing import DataCursor, GlobalBatchSchedule, load_packed
+from strata.data.packing import DataCursor, GlobalBatchSchedule, PackedSequences
 from strata.data.tokenizer import load_tokenizer, stop_token_ids
 from strata.models.flops import mfu, peak_flops, training_flops_per_token
 from strata.models.moe_stats import ExpertLoad, expert_load
@@ -59,7 +59,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     tokenizer = load_tokenizer(paths.tokenizer_dir)
-    data = torch.from_numpy(load_packed(paths.packed_dir))
+    data = PackedSequences(paths.packed_dir)  # local, or streamed from object storage
 
     checkpoint = ray.train.get_checkpoint()
     state = None
@@ -96,8 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     unwrapped_config = getattr(model, "module", model).config
     top_k = getattr(unwrapped_config, "num_experts_per_tok", 0)
     aux_coef = getattr(unwrapped_config, "router_aux_loss_coef", 0.0)
-    tokens_per_step = cfg.optim.global_batch_size * data.shape[1]
-    flops_per_token, peak = training_flops_per_token(unwrapped_config, data.shape[1]), peak_flops(device)
+    tokens_per_step = cfg.optim.global_batch_size * data.seq_len
+    flops_per_token, peak = training_flops_per_token(unwrapped_config, data.seq_len), peak_flops(device)
 
     def report_checkpoint(metrics: dict, load: ExpertLoad | None = None) -> None:
         def write_rank0(directory: Path) -> None:
@@ -111,7 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     preemption = PreemptionGuard(cfg.checkpoint.preemption_check_every_steps)
     window_start, window_steps = time.perf_counter(), 0
     while step < cfg.optim.max_steps:
-        micro_batches = data[schedule.next_indices(rank, world_size)].to(device).split(cfg.optim.micro_batch_size)
+        micro_batches = data.take(schedule.next_indices(rank, world_size)).to(device).split(cfg.optim.micro_batch_size)
         assert len(micro_batches) == grad_accum, f"{len(micro_batches)} micro-batches, expected {grad_accum}"
         checkpoint_due = (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.optim.max_steps
         log_due = checkpoint_due or (step + 1) % cfg.tracking.log_every_steps == 0
