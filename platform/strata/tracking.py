@@ -188,7 +188,7 @@ def packed_digest(data: PreparedData) -> str:
 def log_packed_data(name: str, data: PreparedData) -> None:
     """Pretraining data: the packed token sequences, identified by their manifest (corpus, tokenizer, length)."""
     schema = Schema([ColSpec(Array(DataType.integer), "input_ids")])  # data.seq_len tokens a row
-    log_dataset(data.packed_dir, name, packed_digest(data), schema, context="training")
+    log_dataset(data.worker_packed_dir, name, packed_digest(data), schema, context="training")  # where workers read
 
 
 def log_sft_data(dataset: SFTDataset) -> None:
