@@ -59,6 +59,15 @@ def test_finetune_config_errors_name_the_field(tmp_path):
     assert derived.resolved_run_name == "qlora-r16-lr2e-4-stdlib-docstrings"
 
 
+def test_object_store_inputs_are_checked_where_they_are_named(tmp_path, object_store):
+    path = tmp_path / "ft.yaml"
+    path.write_text(f"base_model: tiny\ndata: {{train_file: {object_store}/no-such-file.jsonl}}\n")
+    with pytest.raises(ConfigError, match=r"data.train_file: .*no-such-file.jsonl' does not exist"):
+        load_config(path, FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"data.publish_to: .*must be an object-store URI"):
+        load_config(TINY, PretrainConfig, [f"data.publish_to={tmp_path}"])
+
+
 def test_overrides_apply_dotted_keys_with_yaml_types():
     cfg = load_config(TINY, PretrainConfig, ["optim.lr=3e-4", "scaling.num_workers=1", "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.lr == 3e-4

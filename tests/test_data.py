@@ -92,11 +92,6 @@ def test_streamed_reads_match_the_whole_set_and_hold_a_bounded_number_of_row_gro
     assert len(streamed._cache) == 2  # least recently used groups are dropped
 
 
-def test_publish_to_must_be_an_object_store_uri(tmp_path):
-    with pytest.raises(ValueError, match="publish_to must be an object-store URI"):
-        DataConfig(data_dir=str(tmp_path), publish_to=str(tmp_path / "shared"))
-
-
 def test_schedule_covers_each_epoch_once_and_splits_global_batches_across_ranks():
     schedule = GlobalBatchSchedule(num_sequences=20, global_batch=4, seed=1)
     seen = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -15,6 +16,7 @@ from strata import registry, tracking
 from strata.config import FinetuneConfig, LoraSettings, OptimConfig
 from strata.models.adapters import ADAPTER_DIR, merged_model, save_trained, trainable_model
 from strata.models.quantized_experts import QuantizedExpertWeight
+from strata.paths import exists
 from strata.train.finetune import run_finetuning
 from strata.train.trainer import make_optimizer
 
@@ -109,12 +111,25 @@ def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registered_base, strata_home, method):
-    """Two workers, so QLoRA's quantised experts also go through DDP's start-up broadcast (keep_out_of_ddp)."""
+@pytest.mark.parametrize(("method", "storage"), [("lora", "s3"), ("qlora", "local")])
+def test_finetuning_on_ray_lowers_eval_loss_and_registers(
+    ray_session, object_store, registered_base, strata_home, method, storage
+):
+    """Two workers, so QLoRA's quantised experts also go through DDP's start-up broadcast (keep_out_of_ddp). The
+    LoRA run keeps everything it reads and writes in object storage: the training file, the checkpoints and the
+    run's MLflow artifacts (the adapter, samples, config) are s3:// URIs, as on a cluster without a shared disk."""
     train_file = strata_home / "sft.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + '{"prompt": "broken"}\n')
     cfg = finetune_config(registered_base, method, train_file, max_steps=20)
+    if storage == "s3":
+        prefix = f"{object_store}/{strata_home.name}"
+        boto3.client("s3").upload_file(str(train_file), "strata-test", f"{strata_home.name}/sft.jsonl")
+        train_file.unlink()
+        tree = cfg.model_dump(mode="json")
+        tree["data"]["train_file"] = f"{prefix}/sft.jsonl"
+        tree["checkpoint"]["storage_path"] = f"{prefix}/runs"
+        tree["tracking"]["artifact_location"] = f"{prefix}/mlflow"
+        cfg = FinetuneConfig.model_validate(tree)
     result = run_finetuning(cfg)
 
     assert result.run_name == f"{method}-r8-lr1e-2-sft"
@@ -134,9 +149,12 @@ def test_finetuning_on_ray_lowers_eval_loss_and_registers(ray_session, registere
     assert {"config.yaml", "samples.json", "adapter", "bad_records.txt"} <= artifacts
     assert_shown_as_training_in_the_ui(client, run)
 
-    checkpoint = Path(result.checkpoint_path)
-    assert (checkpoint / ADAPTER_DIR / "adapter_model.safetensors").exists()
-    assert not (checkpoint / "model").exists()  # the frozen base is not checkpointed
+    checkpoint = f"s3://{result.checkpoint_path}" if storage == "s3" else result.checkpoint_path
+    assert checkpoint.startswith(cfg.checkpoint.resolved_storage_path)
+    assert exists(f"{checkpoint}/{ADAPTER_DIR}/adapter_model.safetensors")
+    assert not exists(f"{checkpoint}/model")  # the frozen base is not checkpointed
+    if storage == "s3":
+        assert run.info.artifact_uri.startswith(f"{cfg.tracking.artifact_location}/ft-test/")
 
     version = client.get_model_version("strata-test-sft", result.registered_version)
     assert version.tags["base_model"] == "strata-test-base" and version.tags["base_model_version"] == "1"

@@ -60,14 +60,21 @@ def publish(local_dir: str | Path, uri: str) -> None:
     pafs.copy_files(str(Path(local_dir).resolve()), path, pafs.LocalFileSystem(), fs)
 
 
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def fetch(uri: str) -> str:
-    """A local directory with the contents of `uri`: the path itself when local, else a copy in a temp folder
-    named after the URI (fetched again each time, so a republished directory is never read stale)."""
+    """A local copy of a directory or file: the path itself when local, else a copy in a temp folder named after
+    the URI (fetched again each time, so a republished one is never read stale)."""
     if not is_remote(uri):
         return uri
     local = os.path.join(tempfile.gettempdir(), "strata-fetch", hashlib.sha256(uri.encode()).hexdigest()[:16])
     shutil.rmtree(local, ignore_errors=True)
     os.makedirs(local)
     fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        local = os.path.join(local, os.path.basename(path))
     pafs.copy_files(path, local, fs, pafs.LocalFileSystem())
     return local

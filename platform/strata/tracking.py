@@ -32,7 +32,7 @@ from mlflow.types.schema import Array
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
-from strata.paths import home
+from strata.paths import fetch, home, join
 
 if TYPE_CHECKING:  # the data modules load torch and transformers, which the serving router does without
     from strata.data.prepare import PreparedData
@@ -69,8 +69,9 @@ def use_store(configured: str | None = None) -> str:
     return uri
 
 
-def ensure_experiment(name: str, kind: str | None = None) -> str:
-    """The experiment's id; a new one keeps its artifacts beside a local sqlite store, not in the cwd.
+def ensure_experiment(name: str, kind: str | None = None, artifact_location: str | None = None) -> str:
+    """The experiment's id; a new one keeps its artifacts under `artifact_location/<name>` when given (s3://...),
+    else beside a local sqlite store, not in the cwd (a tracking server decides for itself).
 
     `kind` (PRETRAINING, FINETUNING) tags the experiment for the UI, also one made before Strata tagged them;
     a kind already set is left alone."""
@@ -83,7 +84,9 @@ def ensure_experiment(name: str, kind: str | None = None) -> str:
         return experiment.experiment_id
     uri = mlflow.get_tracking_uri()
     artifacts = None
-    if uri.startswith("sqlite:///"):
+    if artifact_location:
+        artifacts = join(artifact_location, name)
+    elif uri.startswith("sqlite:///"):
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     return client.create_experiment(name, artifact_location=artifacts, tags=kind_tag)
 
@@ -122,11 +125,12 @@ def start_run(
     params: dict[str, Any],
     tags: dict[str, str] | None = None,
     kind: str | None = None,
+    artifact_location: str | None = None,
 ):
     """Start, or continue, the MLflow run that belongs to `run_name`; returns an active-run context manager.
     Params are logged on every start (see `log_params`); MLflow samples the machine's system metrics for as long
     as the run is open."""
-    experiment_id = ensure_experiment(experiment, kind)
+    experiment_id = ensure_experiment(experiment, kind, artifact_location)
     if MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() is None:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     existing = find_run(experiment_id, run_name)
@@ -196,7 +200,7 @@ def log_sft_data(dataset: SFTDataset) -> None:
     itself follows from `data.eval_fraction`). The schema is the records' fields, read from the first few."""
     from strata.data.sft import read_records
 
-    records = itertools.islice((r for _, r in read_records(Path(dataset.source)) if isinstance(r, dict)), 100)
+    records = itertools.islice((r for _, r in read_records(Path(fetch(dataset.source))) if isinstance(r, dict)), 100)
     schema = infer_signature(list(records)).inputs
     name = Path(dataset.source).stem
     log_dataset(dataset.source, f"{name}-train", dataset.dataset_hash, schema, context="training")

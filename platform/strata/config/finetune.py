@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from strata.config.base import StrictModel
 from strata.config.model import validate_model_name
 from strata.config.training import BatchedJob, CheckpointConfig, OptimConfig, ScalingConfig, TrackingConfig
+from strata.paths import exists, is_remote
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -36,7 +37,9 @@ class LoraSettings(StrictModel):
 
 
 class SFTDataConfig(StrictModel):
-    train_file: str | None = Field(None, description="JSONL or Parquet: prompt/response pairs or chat messages.")
+    train_file: str | None = Field(
+        None, description="JSONL or Parquet (a path or an s3:// URI): prompt/response pairs or chat messages."
+    )
     builtin: Literal["stdlib-docstrings"] | None = Field(
         "stdlib-docstrings", description="A dataset built locally, used when train_file is not given."
     )
@@ -53,10 +56,14 @@ class SFTDataConfig(StrictModel):
         if train_file is None:
             return None
         path = Path(train_file).expanduser()
-        if not path.is_file():
-            raise ValueError(f"training data file {train_file!r} does not exist")
         if path.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"training data must be .jsonl or .parquet, not {path.suffix!r}")
+        if is_remote(train_file):  # s3://...: read by the driver, which tokenizes and ships the examples
+            if not exists(train_file):
+                raise ValueError(f"training data file {train_file!r} does not exist")
+            return train_file
+        if not path.is_file():
+            raise ValueError(f"training data file {train_file!r} does not exist")
         return str(path.resolve())
 
     @model_validator(mode="after")

@@ -79,6 +79,11 @@ class ScalingConfig(StrictModel):
 
 class TrackingConfig(StrictModel):
     tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local sqlite file.")
+    artifact_location: str | None = Field(
+        None,
+        description="Where a new experiment keeps its artifacts (s3://bucket/mlflow): the client writes there "
+        "itself. Default: beside a local sqlite store, or wherever the tracking server sends them.",
+    )
     experiment: str = "strata-pretrain"
     registered_model: str | None = Field("strata-tiny", description="Registry name; null to skip registering.")
     log_every_steps: int = Field(10, gt=0)

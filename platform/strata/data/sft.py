@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from strata.config import SFTDataConfig, stdlib_source_dir
+from strata.paths import fetch
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 ROLES = {"system", "user", "assistant"}
@@ -136,7 +137,8 @@ def pack(examples: list[SFTExample], max_seq_len: int) -> list[SFTExample]:
 
 
 def load_sft_dataset(cfg: SFTDataConfig, tokenizer) -> SFTDataset:
-    path = Path(cfg.train_file) if cfg.train_file else build_builtin(cfg)
+    source = cfg.train_file or str(build_builtin(cfg))
+    path = Path(fetch(source))  # an s3:// file is read from a local copy
     train, evaluation, bad = [], [], []
     for line, record in read_records(path):
         if cfg.max_records and len(train) + len(evaluation) >= cfg.max_records:
@@ -149,18 +151,18 @@ def load_sft_dataset(cfg: SFTDataConfig, tokenizer) -> SFTDataset:
             if len(example.input_ids) > cfg.max_seq_len:
                 raise ValueError(f"{len(example.input_ids)} tokens, over max_seq_len {cfg.max_seq_len}")
         except ValueError as err:
-            bad.append(BadRecord(str(path), line, str(err)))
+            bad.append(BadRecord(source, line, str(err)))
             continue
         (evaluation if is_eval(messages, cfg.eval_fraction) else train).append(example)
     if bad and cfg.on_bad_record == "error":
         shown = "\n".join(f"  {b}" for b in bad[:20])
-        raise BadRecordsError(f"{len(bad)} bad record(s) in {path} (data.on_bad_record=error):\n{shown}")
+        raise BadRecordsError(f"{len(bad)} bad record(s) in {source} (data.on_bad_record=error):\n{shown}")
     if not train or not evaluation:
-        raise ValueError(f"{path}: {len(train)} train and {len(evaluation)} eval examples; need at least one of each")
+        raise ValueError(f"{source}: {len(train)} train and {len(evaluation)} eval examples; need at least one of each")
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return SFTDataset(train, evaluation, bad, digest, str(path))
+    return SFTDataset(train, evaluation, bad, digest, source)
 
 
 def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:

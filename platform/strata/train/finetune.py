@@ -72,7 +72,12 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
     }
     with (
         tracking.start_run(
-            cfg.tracking.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=tracking.FINETUNING
+            cfg.tracking.experiment,
+            run_name,
+            tracking.flatten(cfg),
+            tags=tags,
+            kind=tracking.FINETUNING,
+            artifact_location=cfg.tracking.artifact_location,
         ) as run,
         contextlib.ExitStack() as checkpoint_copies,
     ):

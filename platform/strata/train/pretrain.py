@@ -45,6 +45,7 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         tracking.flatten(cfg),
         tags={"strata.job": "pretrain", **lineage},
         kind=tracking.PRETRAINING,
+        artifact_location=cfg.tracking.artifact_location,
     ) as run:
         run_id = run.info.run_id
         mlflow.set_tags(lineage)  # also on a run started before pretraining recorded its lineage

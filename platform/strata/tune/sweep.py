@@ -126,7 +126,10 @@ def run_sweep(tune: TuneConfig, base_tree: dict[str, Any], console: Console | No
         "search_space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in tune.search_space.items()}),
     }
     kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
-    with tracking.start_run(tune.experiment, tune.name, params, tags={"strata.job": "tune"}, kind=kind) as parent:
+    artifacts = base_tree.get("tracking", {}).get("artifact_location")  # the experiment's, made by the parent run
+    with tracking.start_run(
+        tune.experiment, tune.name, params, tags={"strata.job": "tune"}, kind=kind, artifact_location=artifacts
+    ) as parent:
         console.print(f"sweep {tune.name}: MLflow parent run {parent.info.run_id} in {uri}")
         context = SweepContext(tune, base_tree, uri, parent.info.run_id)
         grid = make_tuner(tune, context).fit()
