@@ -565,19 +565,19 @@ def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_sca
 
 
 @pytest.mark.slow
-def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served, tmp_path):
+def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served, tmp_path, capsys):
     """A 50/50 split of two LoRA adapters of one registered base, both served by one replica (a replica group): under
     concurrent mixed traffic each variant answers as its merged model does, greedy, token for token. A third adapter
-    added to the running group is served by the same replica, which never restarts."""
+    added to the running group (`strata add-variant`) is served by the same replica, which never restarts."""
     from lora_adapters import make_adapter
     from ray import serve
     from transformers import AutoTokenizer
 
+    from strata.cli import main
     from strata.config import ServeConfig
     from strata.models.adapters import merged_model
     from strata.registry import generate_text
     from strata.serve import deploy
-    from strata.serve.replica_groups import add_group_variant
 
     base_dir = served["stable_dir"]
     adapters = {name: make_adapter(base_dir, tmp_path / name, seed) for seed, name in enumerate(("a", "b", "c"), 1)}
@@ -621,7 +621,10 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
         for body, variant, response in zip(bodies, served_by, responses, strict=True):
             assert response.json()["choices"][0]["text"] == expected[(variant, body["prompt"])], (variant, body)
 
-        add_group_variant(served["dashboard"], "lora", "lora", "c", weight=0, adapter=str(adapters["c"]))
+        add = ["add-variant", "c", "--app", "lora", "--group", "lora", "--adapter", str(adapters["c"])]
+        assert main([*add[:4], "--group", "nope", *add[6:]]) == 2  # no such group: refused before Serve sees it
+        assert "error: application 'lora' has no replica group 'nope'" in capsys.readouterr().err
+        assert main(add) == 0
         body = {"model": "strata-lora:c", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
         deadline = time.monotonic() + 120
         while (reply := httpx.post(url, json=body, headers=auth(), timeout=60)).status_code == 404:

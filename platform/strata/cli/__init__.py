@@ -248,15 +248,40 @@ def cmd_split(args: argparse.Namespace) -> int:
         deploy.set_weights(dashboard, args.app, weights)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    try:
-        with console.status(f"applying the split to {args.app!r}"):
-            deploy.wait_until_running(dashboard, args.app)
-    except (deploy.DeployError, TimeoutError) as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)  # Serve's messages hold [brackets]
+    if not applied(dashboard, args.app, "the split"):
         return 1
     total = sum(weights.values())
     console.print(f"{args.app}: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in weights.items()))
     return 0
+
+
+def cmd_add_variant(args: argparse.Namespace) -> int:
+    """Serve one more LoRA variant from a running replica group: its replicas load the adapter, nothing restarts."""
+    from strata.serve import deploy
+    from strata.serve.replica_groups import add_group_variant
+
+    try:
+        dashboard = deploy.connect(args.address, start_if_none=False)
+        add_group_variant(dashboard, args.app, args.group, args.name, args.weight, args.adapter, args.model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not applied(dashboard, args.app, f"variant {args.name!r}"):
+        return 1
+    console.print(f"{args.app}: variant {args.name!r} served by replica group {args.group!r}, weight {args.weight:g}")
+    return 0
+
+
+def applied(dashboard: str, app: str, what: str) -> bool:
+    """Wait for Serve to apply a live change to `app`; print why not when it fails."""
+    from strata.serve import deploy
+
+    try:
+        with console.status(f"applying {what} to {app!r}"):
+            deploy.wait_until_running(dashboard, app)
+    except (deploy.DeployError, TimeoutError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)  # Serve's messages hold [brackets]
+        return False
+    return True
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -362,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--app", default="strata")
     split.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
     split.set_defaults(func=cmd_split)
+
+    add = sub.add_parser("add-variant", help="serve one more LoRA variant from a running replica group, live")
+    add.add_argument("name", help="the new variant's name")
+    add.add_argument("--group", required=True, help="the replica group (variants' replica_group) to serve it")
+    add.add_argument("--adapter", help="a LoRA adapter: a directory or an MLflow URI (runs:/ID/adapter)")
+    add.add_argument("--model", help="or a registered LoRA fine-tune of the group's base (models:/NAME/VERSION)")
+    add.add_argument("--weight", type=float, default=0.0, help="its weight in the split (default 0: no traffic yet)")
+    add.add_argument("--app", default="strata")
+    add.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or the local cluster)")
+    add.set_defaults(func=cmd_add_variant)
 
     release.add_commands(sub)
 
