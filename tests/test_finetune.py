@@ -113,19 +113,25 @@ def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "storage"), [("lora", "s3"), ("qlora", "local")])
 def test_finetuning_on_ray_lowers_eval_loss_and_registers(
-    ray_session, object_store, registered_base, strata_home, method, storage
+    ray_session, object_store, registered_base, tiny_base, strata_home, method, storage
 ):
     """Two workers, so QLoRA's quantised experts also go through DDP's start-up broadcast (keep_out_of_ddp). The
-    LoRA run keeps everything it reads and writes in object storage: the training file, the checkpoints and the
-    run's MLflow artifacts (the adapter, samples, config) are s3:// URIs, as on a cluster without a shared disk."""
+    LoRA run keeps everything it reads and writes in object storage: the base model's registered files, the training
+    file, the checkpoints and the run's MLflow artifacts (the adapter, samples, config) are s3:// URIs, as on a
+    cluster without a shared disk."""
     train_file = strata_home / "sft.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + '{"prompt": "broken"}\n')
     cfg = finetune_config(registered_base, method, train_file, max_steps=20)
+    base_version = "1"
     if storage == "s3":
         prefix = f"{object_store}/{strata_home.name}"
+        with tracking.start_run("bases-on-s3", "tiny-base", {}, artifact_location=f"{prefix}/mlflow") as base_run:
+            base_version = str(registry.log_model(tiny_base, "strata-test-base").version)  # its files on s3://
+        assert base_run.info.artifact_uri.startswith(f"{prefix}/mlflow/bases-on-s3/")
         boto3.client("s3").upload_file(str(train_file), "strata-test", f"{strata_home.name}/sft.jsonl")
         train_file.unlink()
         tree = cfg.model_dump(mode="json")
+        tree["base_model"] = f"models:/strata-test-base/{base_version}"
         tree["data"]["train_file"] = f"{prefix}/sft.jsonl"
         tree["checkpoint"]["storage_path"] = f"{prefix}/runs"
         tree["tracking"]["artifact_location"] = f"{prefix}/mlflow"
@@ -157,7 +163,7 @@ def test_finetuning_on_ray_lowers_eval_loss_and_registers(
         assert run.info.artifact_uri.startswith(f"{cfg.tracking.artifact_location}/ft-test/")
 
     version = client.get_model_version("strata-test-sft", result.registered_version)
-    assert version.tags["base_model"] == "strata-test-base" and version.tags["base_model_version"] == "1"
+    assert version.tags["base_model"] == "strata-test-base" and version.tags["base_model_version"] == base_version
     assert version.tags["strata.method"] == method and len(version.tags["strata.dataset_hash"]) == 16
     merged_dir = registry.download_model(f"models:/strata-test-sft/{result.registered_version}")
     config = json.loads((merged_dir / "config.json").read_text())

@@ -82,12 +82,19 @@ def test_sigkilled_worker_resumes_from_checkpoint_bit_identical_from_object_stor
     tree["data"]["publish_to"] = f"{object_store}/data"
     tree["checkpoint"]["storage_path"] = f"{object_store}/{tmp_path.name}"
     config = PretrainConfig.model_validate(tree)
-    loop_config, _ = pretrain_loop_config(config)
+    loop_config, data = pretrain_loop_config(config)
     assert all(p.startswith(f"{object_store}/data/") for p in loop_config["paths"].values()), loop_config["paths"]
 
+    # The local packed tokens go away while the run lasts (the manifest stays, so nothing is packed again): every
+    # sequence a worker trains on comes from s3://.
+    local_tokens = Path(data.packed_dir) / "tokens.parquet"
+    local_tokens.rename(tmp_path / "tokens.parquet")
     run_dir = f"{config.checkpoint.storage_path}/killed-worker"
     killer = WorkerKiller(run_dir, after_step=10, delay_s=0).start()
-    result = run_pretraining(config)
+    try:
+        result = run_pretraining(config)
+    finally:
+        (tmp_path / "tokens.parquet").rename(local_tokens)
     killer.join(timeout=5)
     assert killer.killed_pid, "the fault was never injected"
     # Killed mid-run, once checkpoint 10 was registered; how far training got by then depends on the machine.
