@@ -18,6 +18,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE
 
@@ -136,6 +137,19 @@ class LocalCluster:
         listing = next(line for line in out.stdout.splitlines()[::-1] if line.startswith("[{"))
         return [n for n in json.loads(listing) if n["Alive"] or include_dead]
 
+    def api(self, path: str) -> dict:
+        """GET from the dashboard's REST API (jobs, the state API), with this cluster's token."""
+        request = urllib.request.Request(
+            self.dashboard_url + path, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """The node of every actor of `class_name`, dead ones included (Ray's state API)."""
+        query = f"filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}&detail=true&limit=1000"
+        return [a["node_id"] for a in self.api(f"/api/v0/actors?{query}")["data"]["result"]["result"]]
+
     def alive_nodes(self) -> int:
         return len(self.nodes())
 
@@ -143,6 +157,16 @@ class LocalCluster:
         ids = [n["NodeID"] for n in self.nodes() if n.get("NodeName") == name]
         assert len(ids) == 1, f"no single live node named {name}"
         return ids[0]
+
+    def owned_processes(self) -> list[psutil.Process]:
+        """Every process of this cluster, whoever started it (the head, its autoscaler's nodes, their workers): they
+        all inherit this cluster's auth token."""
+        owned = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("RAY_AUTH_TOKEN") == self.env["RAY_AUTH_TOKEN"]:
+                    owned.append(process)
+        return owned
 
     def kill_node(self, name: str) -> None:
         """SIGKILL the node's whole process group: what a reclaimed spot instance looks like to Ray."""
@@ -230,10 +254,13 @@ def start_job(cluster: LocalCluster, script: Path, args: list[str], env: dict[st
 
 
 def start_spot_watcher(
-    cluster: LocalCluster, node_name: str, metadata_url: str, platform_dir: Path
+    cluster: LocalCluster, node_name: str | None, metadata_url: str, platform_dir: Path, node_id: str | None = None
 ) -> subprocess.Popen:
+    """`strata spot-watch` for the node named `node_name`, or with id `node_id` (the fake autoscaler's nodes all
+    share one name: this machine's address)."""
+    node = ["--node-id", node_id] if node_id else ["--node-name", node_name]
     return subprocess.Popen(
-        [sys.executable, "-m", "strata.cli", "spot-watch", "--address", cluster.address, "--node-name", node_name,
+        [sys.executable, "-m", "strata.cli", "spot-watch", "--address", cluster.address, *node,
          "--metadata-url", metadata_url, "--poll-interval", "0.2"],
         env={**cluster.env, "PYTHONPATH": str(platform_dir)},
         stdout=subprocess.PIPE,
@@ -242,7 +269,7 @@ def start_spot_watcher(
     )  # fmt: skip
 
 
-def fake_autoscaling_config(cluster_yaml: Path, idle_timeout_minutes: float = 0.2) -> dict:
+def fake_autoscaling_config(cluster_yaml: Path, idle_timeout_minutes: float = 0.1) -> dict:
     """`cluster_yaml`'s worker node types for Ray's fake multi-node provider (nodes are local raylets): the same
     names, custom resources and min/max workers; CPUs capped at this machine's cores, no GPU (the fake nodes have
     none; `train_gpu`/`serve_gpu` stand for them), a CPU-0 head, and a short idle timeout."""
@@ -294,5 +321,21 @@ class FakeAutoscalingCluster(LocalCluster):
         env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **(env or {})}
         super().__init__(head_cpus=0, env=env, autoscaling=fake_autoscaling_config(cluster_yaml))
 
-    def nodes_of(self, node_type: str) -> list[dict]:
-        return [n for n in self.nodes() if n["Labels"].get(NODE_GROUP_LABEL) == node_type]
+    def node_types(self, include_dead: bool = False) -> dict[str, str]:
+        """Node id -> the type the autoscaler launched it as (it labels each node); the head is "head"."""
+        return {n["NodeID"]: n["Labels"].get(NODE_GROUP_LABEL, "head") for n in self.nodes(include_dead)}
+
+    def node_ids(self, node_type: str) -> set[str]:
+        return {node for node, launched_as in self.node_types().items() if launched_as == node_type}
+
+    def reclaim(self, node_id: str) -> None:
+        """SIGKILL every process of a node the autoscaler launched, as a reclaimed spot instance: the provider gave
+        each of them the node's id in its environment. The autoscaler then stops hearing from the node, terminates
+        it (AUTOSCALER_HEARTBEAT_TIMEOUT_S) and launches a replacement if there is demand."""
+        killed = 0
+        for process in self.owned_processes():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                    process.kill()
+                    killed += 1
+        assert killed, f"no process of node {node_id}"
