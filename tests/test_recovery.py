@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from raycluster import FakeMetadataService, LocalCluster, start_job, start_spot_watcher
+from raycluster import FakeAutoscalingCluster, FakeMetadataService, LocalCluster, start_job, start_spot_watcher
 from safetensors.torch import load_file
 
 from strata.config import PretrainConfig
@@ -158,17 +158,19 @@ def wait_until_group_is_gone(pgid: int, timeout: float = 60) -> None:
 
 
 def test_spot_notice_gives_a_just_in_time_checkpoint_and_loses_no_step(small_data, uninterrupted, tmp_path):
-    """Head + spot node A; the watcher on A sees the notice and drains A; the loop checkpoints at once; A is
-    then reclaimed (killed) and a replacement node B joins; training resumes from the just-in-time checkpoint."""
+    """On cluster/aws.yaml's node types (Ray's fake autoscaler): the job asks for `spot`, the autoscaler launches a
+    train-spot-g6e node A; the watcher on A sees the notice and drains A; the loop checkpoints at once; A is then
+    reclaimed (killed), the autoscaler replaces it with node B and training resumes there from that checkpoint."""
     imds = FakeMetadataService()
-    cluster = LocalCluster(head_cpus=0, env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"})
+    cluster = FakeAutoscalingCluster(
+        ROOT / "cluster" / "aws.yaml",
+        env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"},
+    )
     watcher = driver = None
     try:
-        cluster.add_node("spot-a", cpus=2, resources={"spot": 2})
-        watcher = start_spot_watcher(cluster, "spot-a", imds.url, ROOT / "platform")
         config = recovery_config(small_data[0], tmp_path, "spot")
         tree = config.model_dump(mode="json")
-        tree["scaling"]["resources_per_worker"] = {"spot": 1}
+        tree["scaling"]["resources_per_worker"] = {"train_gpu": 1, "spot": 1}
         config_file = tmp_path / "job.yaml"
         config_file.write_text(yaml.safe_dump(tree))
         driver = start_job(
@@ -177,13 +179,15 @@ def test_spot_notice_gives_a_just_in_time_checkpoint_and_loses_no_step(small_dat
 
         run_dir = tmp_path / "runs" / "spot"
         wait_for_checkpoint(run_dir, 10)
+        [spot_a] = cluster.node_ids("train-spot-g6e")  # launched for the job: both workers fit on it
+        watcher = start_spot_watcher(cluster, None, imds.url, ROOT / "platform", node_id=spot_a)
         imds.arm(seconds_left=20)
         assert watcher.wait(timeout=60) == 0, watcher.stdout.read()
         jit_step = wait_for_extra_checkpoint(run_dir, regular={10, 20, 30})
-        cluster.add_node("spot-b", cpus=2, resources={"spot": 2})  # the autoscaler's replacement
-        cluster.kill_node("spot-a")  # the reclaim
+        cluster.reclaim(spot_a)
         output, _ = driver.communicate(timeout=600)
         assert driver.returncode == 0, output[-4000:]
+        workers, launched_as = cluster.actor_nodes("RayTrainWorker"), cluster.node_types(include_dead=True)
     finally:
         for process in (watcher, driver):
             if process and process.poll() is None:
@@ -191,6 +195,11 @@ def test_spot_notice_gives_a_just_in_time_checkpoint_and_loses_no_step(small_dat
         cluster.shutdown()
         imds.server.shutdown()
 
+    # Two workers on A, then two on the replacement B: a node of a spot group (either family: the job asks for
+    # `spot`), launched by the autoscaler for the restarted group.
+    assert workers.count(spot_a) == 2 and len(workers) == 4, workers
+    [spot_b] = set(workers) - {spot_a}
+    assert workers.count(spot_b) == 2 and launched_as[spot_b] in {"train-spot-g6e", "train-spot-g5"}, launched_as
     # After the step-10 checkpoint (the notice comes then) and off the periodic grid; how many steps run before
     # the watcher's poll sees the notice depends on the machine's speed.
     assert jit_step > 10 and jit_step % 10
