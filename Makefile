@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf data runs mlruns benchmarks/results
+	rm -rf data runs mlruns benchmarks/results logs serve canary locks
 
 ui: $(STAMP)
 	$(VENV)/bin/strata ui
