@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,6 @@ def object_store() -> Iterator[str]:
     """A local S3-compatible server (moto's) with one bucket; its endpoint and test credentials are exported
     before Ray starts, so every worker reaches it the way nodes reach S3. Yields `s3://BUCKET`."""
     import socket
-    import subprocess
     import time
 
     import boto3
@@ -130,3 +131,15 @@ def registered_base(strata_home, tiny_base) -> str:
         version = registry.log_model(tiny_base, "strata-test-base")
     registry.set_alias("strata-test-base", "stable", version.version)
     return "models:/strata-test-base@stable"
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's prometheus package (prometheus + promtool), installed by the test set-up if missing."""
+    if shutil.which("promtool") is None:
+        install = ["apt-get", "install", "-y", "-q", "prometheus"]
+        if subprocess.run(install, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True)
+            done = subprocess.run(install, capture_output=True, text=True)
+            assert done.returncode == 0, f"could not install prometheus: {done.stderr[-2000:]}"
+    return shutil.which("promtool")

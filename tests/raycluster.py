@@ -319,6 +319,8 @@ class FakeAutoscalingCluster(LocalCluster):
 
     def __init__(self, cluster_yaml: Path, env: dict[str, str] | None = None):
         env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **(env or {})}
+        # The autoscaler's metrics server: its own port, not 44217, which another Ray head here may hold.
+        env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
         super().__init__(head_cpus=0, env=env, autoscaling=fake_autoscaling_config(cluster_yaml))
 
     def node_types(self, include_dead: bool = False) -> dict[str, str]:

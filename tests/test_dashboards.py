@@ -9,7 +9,6 @@ import ast
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,12 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from panels import DASHBOARDS, queries, query_range
 from raycluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DASHBOARDS = ROOT / "dashboards"
-# Metrics that only some machines export: panels on them are checked on those machines, not here.
-NEEDS_ABSENT_HERE = {"gpu": "this machine has no GPU", "autoscaler": "no autoscaler runs in this test"}
 
 
 def load_builder(name: str = "build"):
@@ -34,18 +31,6 @@ def load_builder(name: str = "build"):
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    """Debian's prometheus package (prometheus + promtool), installed by the test set-up if missing."""
-    if shutil.which("promtool") is None:
-        install = ["apt-get", "install", "-y", "-q", "prometheus"]
-        if subprocess.run(install, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True)
-            done = subprocess.run(install, capture_output=True, text=True)
-            assert done.returncode == 0, f"could not install prometheus: {done.stderr[-2000:]}"
-    return shutil.which("promtool")
 
 
 def test_promtool_accepts_the_config_and_rules_and_every_alert_fires_in_its_unit_test(promtool):
@@ -88,30 +73,10 @@ def exported_metrics() -> set[str]:
     return names
 
 
-def queries() -> list[tuple[str, str, str | None]]:
-    """(dashboard/panel title, PromQL, what it needs) for every panel, and (alert, PromQL, None) for every alert."""
-    found = []
-    for path in sorted((DASHBOARDS / "grafana").glob("*.json")):
-        for panel in json.loads(path.read_text())["panels"]:
-            needs = next((n for n in NEEDS_ABSENT_HERE if f"only with: {n}" in panel.get("description", "")), None)
-            found += [(f"{path.stem}/{panel['title']}", t["expr"], needs) for t in panel["targets"]]
-    for group in yaml.safe_load((DASHBOARDS / "alerts.yml").read_text())["groups"]:
-        found += [(f"alert {r['alert']}", r["expr"], None) for r in group["rules"]]
-    return found
-
-
 def test_every_exported_metric_is_on_a_panel_or_in_an_alert():
     text = "\n".join(expr for _, expr, _ in queries())
     unused = sorted(name for name in exported_metrics() if name not in text)
     assert not unused, f"exported but on no panel and in no alert: {unused}"
-
-
-def query_range(url: str, expr: str, start: float, end: float) -> list[dict]:
-    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": 2})
-    with urllib.request.urlopen(f"{url}/api/v1/query_range?{params}", timeout=30) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]
 
 
 def tmp_records(path: Path) -> Path:

@@ -16,7 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from mlflow.tracking import MlflowClient
+from panels import queries, query_range
 from raycluster import RAY, FakeAutoscalingCluster, free_port
+
+from strata.monitor import ray_discovery_file, start_prometheus
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +36,18 @@ def wait_until(condition, what: str, timeout: float = 90) -> None:
         time.sleep(1)
 
 
-def test_training_and_serving_run_on_the_groups_they_ask_for(small_data, tmp_path):
+def test_training_and_serving_run_on_the_groups_they_ask_for(small_data, promtool, tmp_path):
+    """Also the dashboards' autoscaler panels (nodes and pending nodes by group, pending demand): a real Prometheus
+    scrapes this cluster, and each of their queries returns data, the training group among the nodes."""
     data = small_data[0]
     cluster = FakeAutoscalingCluster(AWS_YAML)
+    prometheus = None
     try:
+        prometheus_port = free_port()
+        prometheus = start_prometheus(
+            tmp_path / "prometheus", ray_discovery_file(cluster.temp_dir), prometheus_port, scrape_interval_s=1
+        )
+        started = time.time()
         wait_until(lambda: "cpu-driver" in cluster.node_types().values(), "cpu-driver (min_workers 1) up")
         assert set(cluster.node_types().values()) == {"head", "cpu-driver"}  # the GPU groups start at 0
 
@@ -68,6 +79,14 @@ def test_training_and_serving_run_on_the_groups_they_ask_for(small_data, tmp_pat
         assert len(workers) == 2 and {nodes[n] for n in workers} <= TRAIN_GROUPS, (workers, nodes)
         # The training node was added for this job and is removed once idle (idle_timeout_minutes).
         wait_until(lambda: not set(workers) & set(cluster.node_types()), "idle training node removed")
+        url = f"http://127.0.0.1:{prometheus_port}"
+        autoscaler_panels = {name: expr for name, expr, needs in queries() if needs == "autoscaler"}
+        assert len(autoscaler_panels) == 3, autoscaler_panels
+        for name, expr in autoscaler_panels.items():
+            assert query_range(url, expr, started, time.time()), f"{name}: no data from the autoscaler"
+        [nodes_by_group] = [e for n, e in autoscaler_panels.items() if n.endswith("/Nodes by group")]
+        groups = {r["metric"].get("NodeType") for r in query_range(url, nodes_by_group, started, time.time())}
+        assert {nodes[n] for n in workers} <= groups, groups  # the training node was seen while it ran
 
         MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").set_registered_model_alias(MODEL, "stable", "1")
         port = free_port()
@@ -91,6 +110,9 @@ def test_training_and_serving_run_on_the_groups_they_ask_for(small_data, tmp_pat
         )
         assert response.status_code == 200, response.text
     finally:
+        if prometheus:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
         cluster.shutdown()
     # The fake nodes ran in the head's process group: none of the cluster's processes is left.
     wait_until(lambda: not cluster.owned_processes(), "every process of the cluster gone", timeout=10)
