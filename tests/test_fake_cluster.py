@@ -88,7 +88,8 @@ def test_training_and_serving_run_on_the_groups_they_ask_for(small_data, promtoo
         groups = {r["metric"].get("NodeType") for r in query_range(url, nodes_by_group, started, time.time())}
         assert {nodes[n] for n in workers} <= groups, groups  # the training node was seen while it ran
 
-        MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").set_registered_model_alias(MODEL, "stable", "1")
+        store = f"sqlite:///{tmp_path}/mlflow.db"  # the registry too: another test may have set this process's
+        MlflowClient(store, registry_uri=store).set_registered_model_alias(MODEL, "stable", "1")
         port = free_port()
         env = {**cluster.env, "STRATA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
         deploy = [
