@@ -16,6 +16,7 @@ still reaches Prometheus after the canary has exited.
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.parse
 import urllib.request
@@ -76,7 +77,9 @@ class PrometheusMetrics:
         query = urllib.parse.urlencode({"query": expr})
         with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=10) as response:
             body = json.loads(response.read())
-        return {r["metric"].get("variant", ""): float(r["value"][1]) for r in body["data"]["result"]}
+        values = {r["metric"].get("variant", ""): float(r["value"][1]) for r in body["data"]["result"]}
+        # A quantile over a window with no observations is NaN (a variant at 0% of the traffic): no data, not a breach.
+        return {variant: value for variant, value in values.items() if not math.isnan(value)}
 
     def summary(self, since: float) -> dict[str, dict[str, Any]]:
         window = f"{max(1, round(time.time() - since))}s"
