@@ -77,9 +77,8 @@ class PrometheusMetrics:
         query = urllib.parse.urlencode({"query": expr})
         with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=10) as response:
             body = json.loads(response.read())
-        values = {r["metric"].get("variant", ""): float(r["value"][1]) for r in body["data"]["result"]}
-        # A quantile over a window with no observations is NaN (a variant at 0% of the traffic): no data, not a breach.
-        return {variant: value for variant, value in values.items() if not math.isnan(value)}
+        values = ((r["metric"].get("variant", ""), float(r["value"][1])) for r in body["data"]["result"])
+        return {v: x for v, x in values if not math.isnan(x)}  # NaN: a quantile with no observations, so no data
 
     def summary(self, since: float) -> dict[str, dict[str, Any]]:
         window = f"{max(1, round(time.time() - since))}s"
@@ -92,10 +91,8 @@ class PrometheusMetrics:
             rate = f"rate(ray_strata_router_{histogram}_bucket{{{selector}}}[{window}])"
             return f"histogram_quantile(0.99, sum by (le, variant) ({rate}))"
 
-        requests = self._query(increase("requests_total"))
-        errors = self._query(increase("errors_total", ',status=~"5.."'))
-        latency = self._query(p99("request_latency_seconds"))
-        ttft = self._query(p99("time_to_first_token_seconds"))
+        requests, errors = (self._query(increase(*a)) for a in (["requests_total"], ["errors_total", ',status=~"5.."']))
+        latency, ttft = (self._query(p99(h)) for h in ("request_latency_seconds", "time_to_first_token_seconds"))
         return {
             variant: {
                 "requests": round(count),
