@@ -22,14 +22,12 @@ SMALL_CORPUS_FILES = 120
 def object_store() -> Iterator[str]:
     """A local S3-compatible server (moto's) with one bucket; its endpoint and test credentials are exported
     before Ray starts, so every worker reaches it the way nodes reach S3. Yields `s3://BUCKET`."""
-    import socket
     import time
 
     import boto3
+    from raycluster import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

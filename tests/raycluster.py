@@ -137,12 +137,12 @@ class LocalCluster:
         listing = next(line for line in out.stdout.splitlines()[::-1] if line.startswith("[{"))
         return [n for n in json.loads(listing) if n["Alive"] or include_dead]
 
-    def api(self, path: str) -> dict:
+    def api(self, path: str, timeout: float = 30) -> dict:
         """GET from the dashboard's REST API (jobs, the state API), with this cluster's token."""
         request = urllib.request.Request(
             self.dashboard_url + path, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
 
     def actor_nodes(self, class_name: str) -> list[str]:
@@ -177,11 +177,7 @@ class LocalCluster:
         deadline = time.time() + 90
         while True:
             try:
-                request = urllib.request.Request(
-                    f"{self.dashboard_url}/api/version",
-                    headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"},
-                )
-                urllib.request.urlopen(request, timeout=2)
+                self.api("/api/version", timeout=2)
                 return
             except Exception:
                 if self.processes["head"].poll() is not None:

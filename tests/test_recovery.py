@@ -20,7 +20,7 @@ from raycluster import FakeAutoscalingCluster, FakeMetadataService, LocalCluster
 from safetensors.torch import load_file
 
 from strata.config import PretrainConfig
-from strata.paths import fetch
+from strata.paths import fetched
 from strata.train.faults import WorkerKiller, latest_checkpoint_step, wait_for_checkpoint
 from strata.train.pretrain import pretrain_loop_config, run_pretraining
 from strata.train.pretrain_loop import MODEL_DIR
@@ -100,8 +100,8 @@ def test_sigkilled_worker_resumes_from_checkpoint_bit_identical_from_object_stor
     # Killed mid-run, once checkpoint 10 was registered; how far training got by then depends on the machine.
     assert killer.checkpoint_at_kill is not None and 10 <= killer.checkpoint_at_kill < MAX_STEPS
 
-    checkpoint = fetch(f"{run_dir}/checkpoint_{MAX_STEPS:07d}")
-    assert_bit_identical(load_file(Path(checkpoint) / MODEL_DIR / "model.safetensors"), uninterrupted)
+    with fetched(f"{run_dir}/checkpoint_{MAX_STEPS:07d}") as checkpoint:
+        assert_bit_identical(load_file(Path(checkpoint) / MODEL_DIR / "model.safetensors"), uninterrupted)
     client = MlflowClient(config.tracking.tracking_uri)
     resumed = client.get_metric_history(result.run_id, "resumed_from_step")
     assert [m.value for m in resumed] == [killer.checkpoint_at_kill]  # the latest checkpoint, not step 0

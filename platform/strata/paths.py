@@ -6,10 +6,10 @@ that should write into a fixed place sets STRATA_HOME (or uses absolute paths / 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
-import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -53,11 +53,16 @@ def read_text(uri: str) -> str:
         return f.read().decode()
 
 
-def publish(local_dir: str | Path, uri: str) -> None:
-    """Copy a directory into object storage (or another local directory), replacing what is there."""
+def publish(local_dir: str | Path, uri: str, last: str | None = None) -> None:
+    """Copy a directory's files into object storage (or another local directory), replacing what is there. The file
+    named `last` is copied after all the others, so that finding it there means the copy is complete."""
     fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(Path(local_dir).resolve()), path, pafs.LocalFileSystem(), fs)
+    local_dir = Path(local_dir).resolve()
+    files = sorted((f for f in local_dir.rglob("*") if f.is_file()), key=lambda f: f.name == last)
+    for file in files:
+        target = join(path, file.relative_to(local_dir).as_posix())
+        fs.create_dir(target.rpartition("/")[0], recursive=True)
+        pafs.copy_files(str(file), target, pafs.LocalFileSystem(), fs)
 
 
 def exists(uri: str) -> bool:
@@ -65,16 +70,16 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def fetch(uri: str) -> str:
-    """A local copy of a directory or file: the path itself when local, else a copy in a temp folder named after
-    the URI (fetched again each time, so a republished one is never read stale)."""
+@contextlib.contextmanager
+def fetched(uri: str) -> Iterator[str]:
+    """A local path to the directory or file at `uri` for the `with` block: the path itself when local, else a
+    private temporary copy, removed afterwards (workers on one node never share, or leave behind, a copy)."""
     if not is_remote(uri):
-        return uri
-    local = os.path.join(tempfile.gettempdir(), "strata-fetch", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    shutil.rmtree(local, ignore_errors=True)
-    os.makedirs(local)
+        yield uri
+        return
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        local = os.path.join(local, os.path.basename(path))
-    pafs.copy_files(path, local, fs, pafs.LocalFileSystem())
-    return local
+    with tempfile.TemporaryDirectory(prefix="strata-fetch-") as local:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            local = os.path.join(local, os.path.basename(path))
+        pafs.copy_files(path, local, fs, pafs.LocalFileSystem())
+        yield local

@@ -11,7 +11,6 @@ What the MLflow UI needs to show a training run as one: the experiment's kind, t
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import warnings
@@ -32,7 +31,7 @@ from mlflow.types.schema import Array
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import BaseModel
 
-from strata.paths import fetch, home, join
+from strata.paths import home, join
 
 if TYPE_CHECKING:  # the data modules load torch and transformers, which the serving router does without
     from strata.data.prepare import PreparedData
@@ -197,11 +196,8 @@ def log_packed_data(name: str, data: PreparedData) -> None:
 
 def log_sft_data(dataset: SFTDataset) -> None:
     """Fine-tuning data: the SFT file's train and eval splits, both with the file's hash as digest (the split
-    itself follows from `data.eval_fraction`). The schema is the records' fields, read from the first few."""
-    from strata.data.sft import read_records
-
-    records = itertools.islice((r for _, r in read_records(Path(fetch(dataset.source))) if isinstance(r, dict)), 100)
-    schema = infer_signature(list(records)).inputs
+    itself follows from `data.eval_fraction`). The schema is the fields of the first records read."""
+    schema = infer_signature(dataset.schema_sample).inputs
     name = Path(dataset.source).stem
     log_dataset(dataset.source, f"{name}-train", dataset.dataset_hash, schema, context="training")
     log_dataset(dataset.source, f"{name}-eval", dataset.dataset_hash, schema, context="eval")

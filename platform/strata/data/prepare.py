@@ -61,10 +61,10 @@ def prepare_data(cfg: DataConfig, console: Console | None = None) -> PreparedDat
 
 
 def publish_once(local_dir: Path, uri: str, identity: str) -> None:
-    """Upload `local_dir` unless the copy at `uri` already holds the same `identity` file (written last)."""
+    """Upload `local_dir` unless the copy at `uri` already holds the same `identity` file (copied last)."""
     try:
         if read_text(join(uri, identity)) == (local_dir / identity).read_text():
             return
     except FileNotFoundError:
         pass
-    publish(local_dir, uri)
+    publish(local_dir, uri, last=identity)

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import torch
 
 from strata.config import SFTDataConfig, stdlib_source_dir
-from strata.paths import fetch
+from strata.paths import fetched
 
+SCHEMA_SAMPLE = 100  # records kept for the dataset's schema in MLflow
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 ROLES = {"system", "user", "assistant"}
 
@@ -60,6 +61,7 @@ class SFTDataset:
     bad: list[BadRecord] = field(default_factory=list)
     dataset_hash: str = ""
     source: str = ""
+    schema_sample: list[dict] = field(default_factory=list)  # the first records read: their fields, for MLflow
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict | str]]:
@@ -138,22 +140,25 @@ def pack(examples: list[SFTExample], max_seq_len: int) -> list[SFTExample]:
 
 def load_sft_dataset(cfg: SFTDataConfig, tokenizer) -> SFTDataset:
     source = cfg.train_file or str(build_builtin(cfg))
-    path = Path(fetch(source))  # an s3:// file is read from a local copy
-    train, evaluation, bad = [], [], []
-    for line, record in read_records(path):
-        if cfg.max_records and len(train) + len(evaluation) >= cfg.max_records:
-            break
-        try:
-            if isinstance(record, str):
-                raise ValueError(record)
-            messages = to_messages(record)
-            example = encode(messages, tokenizer)
-            if len(example.input_ids) > cfg.max_seq_len:
-                raise ValueError(f"{len(example.input_ids)} tokens, over max_seq_len {cfg.max_seq_len}")
-        except ValueError as err:
-            bad.append(BadRecord(source, line, str(err)))
-            continue
-        (evaluation if is_eval(messages, cfg.eval_fraction) else train).append(example)
+    train, evaluation, bad, sample = [], [], [], []
+    with fetched(source) as local:  # an s3:// file is read from a private local copy, once
+        digest = hashlib.sha256(Path(local).read_bytes()).hexdigest()[:16]
+        for line, record in read_records(Path(local)):
+            if cfg.max_records and len(train) + len(evaluation) >= cfg.max_records:
+                break
+            if isinstance(record, dict) and len(sample) < SCHEMA_SAMPLE:
+                sample.append(record)
+            try:
+                if isinstance(record, str):
+                    raise ValueError(record)
+                messages = to_messages(record)
+                example = encode(messages, tokenizer)
+                if len(example.input_ids) > cfg.max_seq_len:
+                    raise ValueError(f"{len(example.input_ids)} tokens, over max_seq_len {cfg.max_seq_len}")
+            except ValueError as err:
+                bad.append(BadRecord(source, line, str(err)))
+                continue
+            (evaluation if is_eval(messages, cfg.eval_fraction) else train).append(example)
     if bad and cfg.on_bad_record == "error":
         shown = "\n".join(f"  {b}" for b in bad[:20])
         raise BadRecordsError(f"{len(bad)} bad record(s) in {source} (data.on_bad_record=error):\n{shown}")
@@ -161,8 +166,7 @@ def load_sft_dataset(cfg: SFTDataConfig, tokenizer) -> SFTDataset:
         raise ValueError(f"{source}: {len(train)} train and {len(evaluation)} eval examples; need at least one of each")
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return SFTDataset(train, evaluation, bad, digest, source)
+    return SFTDataset(train, evaluation, bad, digest, source, sample)
 
 
 def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from strata.data.corpus import CorpusManifest, iter_texts
-from strata.paths import fetch
+from strata.paths import fetched
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -75,7 +75,8 @@ def train_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_size: int
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """From a local directory, or an object-store URI (s3://...) where `prepare_data` published it."""
-    return AutoTokenizer.from_pretrained(fetch(str(path)))
+    with fetched(str(path)) as local:
+        return AutoTokenizer.from_pretrained(local)
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

@@ -126,7 +126,8 @@ def run_sweep(tune: TuneConfig, base_tree: dict[str, Any], console: Console | No
         "search_space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in tune.search_space.items()}),
     }
     kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
-    artifacts = base_tree.get("tracking", {}).get("artifact_location")  # the experiment's, made by the parent run
+    # The parent run makes the experiment, so the base config's `tracking.artifact_location` applies to every trial.
+    artifacts = base_tree.get("tracking", {}).get("artifact_location")
     with tracking.start_run(
         tune.experiment, tune.name, params, tags={"strata.job": "tune"}, kind=kind, artifact_location=artifacts
     ) as parent:

@@ -59,10 +59,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     tracking.use_store(context.tracking_uri)
     tags = {"mlflow.parentRunId": context.parent_run_id, SWEEP_TAG: tune.name, TRIAL_TAG: trial_id}
     kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
-    artifacts = cfg.tracking.artifact_location
-    with tracking.start_run(
-        tune.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=kind, artifact_location=artifacts
-    ) as run:
+    with tracking.start_run(tune.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=kind) as run:
         train_fn, loop_config = worker_inputs(tune.job, cfg, context.tracking_uri)
         callbacks = [MetricReportCallback(tune.metric), MlflowMetricsCallback(context.tracking_uri, run.info.run_id)]
         make_trainer(cfg, train_fn, loop_config, callbacks, run_name).fit()
