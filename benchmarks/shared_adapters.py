@@ -6,18 +6,19 @@ Both applications run side by side on one local Ray, behind the real router and 
   (a) two replicas: each variant its own replica holding base + adapter merged (what Strata did before replica
       groups), `--threads`/2 torch threads each;
   (b) one shared replica (a replica group): the base once, both adapters beside it, every row decoded with its own
-      adapter (peft's mixed-adapter batches), `--threads` torch threads.
+      adapter (peft's mixed-adapter batches), `--threads` torch threads over its `--loops` engine loops.
 
 and for reference
 
-  (c) one replica of one merged model (variant `a` alone) taking all the traffic, `--threads` threads: what any one
+  (c) one replica of one merged model (variant `a` alone) taking all the traffic, set up as (b): what any one
       replica does on this machine, which separates the cost of decoding two adapters in one batch ((b) vs (c))
       from the cost of one replica process instead of two ((c) vs (a)).
 
 The same CPU threads on each side. Traffic: `--clients` concurrent clients, each sending `--rounds` greedy requests
 (up to --max-tokens new tokens) to the split, users spread over both variants; the sides take turns, `--repeats`
-times, and each side's tokens/s is its median over those turns. Memory: the resident memory (RSS) of the model
-replicas' processes, which is what a replica costs a node, and the bytes of model weights each side holds.
+times, each side first in turn, and each side's tokens/s is its median over those turns. Memory: the resident
+memory (RSS) of the model replicas' processes, which is what a replica costs a node, and the bytes of model weights
+each side holds.
 Targets: (b) at most 0.6x (a)'s memory, at no less than 0.9x its tokens/s. Timings are reported, never asserted.
 
     python benchmarks/shared_adapters.py [--preset small] [--clients 32] [--out FILE]
@@ -44,16 +45,17 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from generation import build_base, make_prompts  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from ray import serve  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from strata.config import ServeConfig  # noqa: E402
-from strata.models.adapters import merged_model  # noqa: E402
 from strata.runtime import strata_runtime_env  # noqa: E402
 from strata.serve.app import build_application  # noqa: E402
+from strata.serve.loading import load_for_serving  # noqa: E402
+from strata.serve.shared_base import SharedBase  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 API_KEY = "sk-bench-0123456789abcdef"
@@ -114,7 +116,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side (split over (a)'s replicas)")
-    parser.add_argument("--repeats", type=int, default=3, help="turns each side takes")
+    parser.add_argument("--loops", type=int, default=2, help="engine loops of the shared replica (threads split)")
+    parser.add_argument("--repeats", type=int, default=6, help="turns each side takes")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "shared_adapters.json", help="JSON file")
     args = parser.parse_args()
 
@@ -123,12 +126,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = build_base(Path(tmp), args.preset, console)
         adapters = {v: make_adapter(base_dir, Path(tmp) / v, seed) for seed, v in enumerate(VARIANTS, 1)}
-        shared_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapters["a"]))
-        shared_model.load_adapter(str(adapters["b"]), adapter_name="b")
-        weights = {
-            "two_replicas": sum(weight_bytes(merged_model(str(base_dir), "lora", str(adapters[v]))) for v in VARIANTS),
-            "shared_replica": weight_bytes(shared_model),
-        }
         prompts = make_prompts(AutoTokenizer.from_pretrained(base_dir), args.clients * args.rounds, seed=1)
         (Path(tmp) / "keys.txt").write_text(API_KEY + "\n")
         common = {
@@ -161,7 +158,7 @@ def main() -> None:
                     "adapter": str(adapters[v]),
                     "replica_group": "lora",
                     **variant,
-                    "engine": {**engine, "torch_threads": args.threads},
+                    "engine": {**engine, "loops": args.loops, "torch_threads": max(1, args.threads // args.loops)},
                 }
                 for v in VARIANTS
             ],
@@ -169,6 +166,10 @@ def main() -> None:
         single = ServeConfig(
             **{**common, "weights": {}}, variants=[shared.variants[0].model_copy(update={"replica_group": None})]
         )
+        weights = {  # what the model replicas hold, loaded as they load it (in their precision)
+            "two_replicas": sum(weight_bytes(load_for_serving(v)[0]) for v in separate.variants),
+            "shared_replica": weight_bytes(SharedBase(shared.variants).model),
+        }
         ray.init(
             address="local",
             num_cpus=args.threads,
@@ -188,8 +189,10 @@ def main() -> None:
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in urls}
         for url in urls.values():  # warm-up
             asyncio.run(clients(url, prompts[: args.clients], args.clients, 8))
+        sides = list(urls)
         for repeat in range(args.repeats):
-            for side, url in urls.items():
+            for side in sides[repeat % 3 :] + sides[: repeat % 3]:  # each side first in turn: drifts fall on all
+                url = urls[side]
                 with console.status(f"turn {repeat + 1}/{args.repeats}: {side}"):
                     runs[side].append(asyncio.run(clients(url, prompts, args.clients, args.max_tokens)))
         rss = {side: replica_rss(side) for side in urls}
@@ -206,6 +209,7 @@ def main() -> None:
             "rounds": args.rounds,
             "max_tokens": args.max_tokens,
             "torch_threads_per_side": args.threads,
+            "shared_replica_loops": args.loops,
             "repeats": args.repeats,
         },
         "tokens_per_s": tokens_per_s,

@@ -582,7 +582,8 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
     base_dir = served["stable_dir"]
     adapters = {name: make_adapter(base_dir, tmp_path / name, seed) for seed, name in enumerate(("a", "b", "c"), 1)}
     shared = {"model": f"models:/{MODEL}/1", "replica_group": "lora", "num_cpus": 0.25}
-    shared["engine"] = {"max_batch_size": 16, "stream_interval_s": 0.0, "dtype": "float32"}  # as the references
+    # fp32 as the references; two engine loops decoding at once on the one base
+    shared["engine"] = {"max_batch_size": 16, "stream_interval_s": 0.0, "dtype": "float32", "loops": 2}
     base = served["config"]
     config = ServeConfig(
         model_name="strata-lora",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from lora_adapters import make_adapter
 from test_engine import Collector, reference
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.config import EngineSettings, ServeConfig, VariantConfig
 from strata.models.adapters import merged_model
 from strata.serve.engine import Engine, SamplingParams
+from strata.serve.engine_loops import EngineLoops
 from strata.serve.shared_base import SharedBase
 
 FP32 = EngineSettings(dtype="float32")  # compared token for token with fp32 references
@@ -19,8 +22,14 @@ PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __ini
 
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tmp_path_factory):
+    """Two adapters of other layers, ranks and scalings: `b` adapts k_proj, which `a` does not, and o_proj at a rank
+    of its own (rank_pattern), with rank-stabilised scaling and an alpha of its own for k_proj (alpha_pattern)."""
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(tiny_base, root / name, seed) for name, seed in (("a", 1), ("b", 2))}
+    b = {"target_modules": ["k_proj", "o_proj"], "use_rslora": True, "rank_pattern": {"o_proj": 2}}
+    return {
+        "a": make_adapter(tiny_base, root / "a", 1),
+        "b": make_adapter(tiny_base, root / "b", 2, alpha_pattern={"k_proj": 16}, **b),
+    }
 
 
 def group(tiny_base, adapters) -> list[VariantConfig]:
@@ -31,10 +40,23 @@ def group(tiny_base, adapters) -> list[VariantConfig]:
     ]
 
 
-def test_rows_of_different_adapters_in_one_batch_decode_as_their_merged_models(tiny_base, adapters):
+@pytest.fixture(scope="module")
+def merged_references(tiny_base, adapters) -> dict[tuple[str, str], str]:
+    """Each (prompt, variant)'s 12 greedy tokens from the variant's own merged model."""
+    models = {name: merged_model(str(tiny_base), "lora", str(adapters[name])).eval() for name in ("a", "b")}
+    models["base"] = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    for model in models.values():
+        model.config.output_router_logits = False
+    expected = {(p, v): reference(models[v], tokenizer, p, 12) for p in PROMPTS for v in models}
+    assert len({expected[(PROMPTS[0], v)] for v in models}) == 3, "the adapters are too alike to tell apart"
+    return expected
+
+
+def test_rows_of_different_adapters_in_one_batch_decode_as_their_merged_models(tiny_base, adapters, merged_references):
     shared = SharedBase(group(tiny_base, adapters))
     assert shared.adapter_of == {"a": "a", "base": "__base__", "b": "b"}
-    engine = Engine(shared.model, shared.tokenizer, max_batch_size=8)
+    engine = Engine(shared.model, shared.tokenizer, max_batch_size=8, adapters=shared.adapters)
     params = SamplingParams(max_tokens=12, temperature=0.0)
     submitted = []  # rows of all three variants join the running batch at different steps
     with torch.inference_mode():
@@ -46,14 +68,43 @@ def test_rows_of_different_adapters_in_one_batch_decode_as_their_merged_models(t
                 engine.step()
         while not all(c.done.is_set() for *_, c in submitted):
             engine.step()
-    models = {name: merged_model(str(tiny_base), "lora", str(adapters[name])).eval() for name in ("a", "b")}
-    models["base"] = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    for model in models.values():
-        model.config.output_router_logits = False
-    expected = {(p, v): reference(models[v], shared.tokenizer, p, 12) for p in PROMPTS for v in models}
-    assert len({expected[(PROMPTS[0], v)] for v in models}) == 3, "the adapters are too alike to tell apart"
     for prompt, variant, collector in submitted:
-        assert collector.text == expected[(prompt, variant)], (prompt, variant)
+        assert collector.text == merged_references[(prompt, variant)], (prompt, variant)
+
+
+def test_two_engine_loops_on_one_base_decode_concurrent_mixed_traffic_as_the_merged_models(
+    tiny_base, adapters, merged_references
+):
+    """Both loops decode at once on the one model, each batch mixing all three variants: every row must get its own
+    adapter, not the one the other loop's batch asked for at the same moment."""
+    shared = SharedBase(group(tiny_base, adapters))
+    loops = EngineLoops(
+        shared.model, shared.tokenizer, loops=2, max_batch_size=8, torch_threads=1, adapters=shared.adapters
+    )
+    loops.start()
+    requests = [(p, v) for _ in range(2) for p in PROMPTS for v in ("a", "base", "b")]
+    collectors = [Collector() for _ in requests]
+
+    def client(first: int) -> None:  # four clients, each sending its share one after another
+        for index in range(first, len(requests), 4):
+            prompt, variant = requests[index]
+            ids = shared.tokenizer.encode(prompt, add_special_tokens=False)
+            loops.submit(ids, SamplingParams(12, 0.0), collectors[index], shared.adapter_of[variant])
+            collectors[index].done.wait(120)
+
+    try:
+        threads = [threading.Thread(target=client, args=(first,)) for first in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        stats = loops.stats()
+    finally:
+        loops.stop()
+    assert loops.failure is None and stats["finished"] == len(requests)
+    assert all(engine.steps for engine in loops.engines), "one loop did all the work"
+    for (prompt, variant), collector in zip(requests, collectors, strict=True):
+        assert collector.text == merged_references[(prompt, variant)], (prompt, variant)
 
 
 def test_adapters_peft_cannot_mix_are_refused_naming_the_variant(tiny_base, tmp_path):
@@ -107,7 +158,7 @@ def test_registered_lora_and_qlora_fine_tunes_share_their_recorded_base(tiny_bas
     )
     assert shared.adapter_of == {"tuned": "tuned", "stable": "__base__"}
     assert shared.info["tuned"]["base"] == base and shared.info["tuned"]["adapter"].endswith("/adapter")
-    engine = Engine(shared.model, shared.tokenizer)
+    engine = Engine(shared.model, shared.tokenizer, adapters=shared.adapters)
     collector = Collector()
     engine.submit(
         shared.tokenizer.encode(PROMPTS[0], add_special_tokens=False), SamplingParams(12, 0.0), collector, "tuned"

@@ -44,7 +44,14 @@ class EngineSettings(StrictModel):
         "Default: as many tokens as fit in kv_cache_gb.",
     )
     kv_cache_gb: float = Field(2.0, gt=0, description="Memory (GiB) the default kv_cache_tokens is sized for.")
-    torch_threads: int | None = Field(None, gt=0, description="Default: the replica's CPUs.")
+    loops: int = Field(
+        1,
+        gt=0,
+        description="Engine loops per replica over one copy of the weights, each with its share of max_batch_size "
+        "and of the KV cache budget and its own torch_threads. On a CPU, one loop per core decodes faster than one "
+        "loop on all of them (strata.serve.engine_loops); a GPU replica runs one.",
+    )
+    torch_threads: int | None = Field(None, gt=0, description="Per loop. Default: the replica's CPUs / loops.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="auto: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32; decided when "
@@ -55,6 +62,12 @@ class EngineSettings(StrictModel):
         description="Weight-only quantisation of the linear layers and MoE experts (not the output head); they "
         "compute in `dtype`. nf4 needs bitsandbytes.",
     )
+
+    @model_validator(mode="after")
+    def _slots_for_every_loop(self) -> EngineSettings:
+        if self.loops > self.max_batch_size:
+            raise ValueError(f"loops ({self.loops}) exceeds max_batch_size ({self.max_batch_size}): each needs a slot")
+        return self
 
 
 class AutoscalingSettings(StrictModel):

@@ -7,6 +7,7 @@ counts the same, real tokens only, with forward hooks on the routers (`ExpertLoa
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -59,8 +60,9 @@ class ExpertLoadRecorder:
 
     Only real tokens count: a pre-hook reads each forward's attention mask, whose last columns say which input
     positions are left-padding. Counts accumulate on the model's device and reach the host only in `take` (at the
-    metrics interval), so no forward waits on a device-to-host copy. A hook never raises into the forward it
-    watches: its exceptions go to `on_error`."""
+    metrics interval), so no forward waits on a device-to-host copy. Forwards may run on several threads at once
+    (engine loops sharing the model): each thread's mask is its own, and the counts are added under a lock. A hook
+    never raises into the forward it watches: its exceptions go to `on_error`."""
 
     def __init__(self, model: torch.nn.Module, on_error: Callable[[Exception], None] | None = None):
         self.top_k = model.config.num_experts_per_tok
@@ -70,7 +72,8 @@ class ExpertLoadRecorder:
         device = next(model.parameters()).device
         self._counts = torch.zeros(len(routers), experts, dtype=torch.long, device=device)
         self._entropy = torch.zeros(len(routers), device=device)  # summed over the counted tokens
-        self._real: torch.Tensor | None = None  # (batch x input positions,) 1 for a real token; None: all real
+        self._forward = threading.local()  # .real: (batch x input positions,) 1 for a real token; None: all real
+        self._lock = threading.Lock()
         self._handles = [model.register_forward_pre_hook(self._see_mask, with_kwargs=True)]
         self._handles += [r.register_forward_hook(partial(self._count, layer)) for layer, r in enumerate(routers)]
 
@@ -78,10 +81,11 @@ class ExpertLoadRecorder:
         try:
             mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
             positions = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-            self._real = mask[:, -positions:].reshape(-1).long() if mask is not None and mask.dim() == 2 else None
+            real = mask[:, -positions:].reshape(-1).long() if mask is not None and mask.dim() == 2 else None
         except Exception as err:
-            self._real = None
+            real = None
             self.on_error(err)
+        self._forward.real = real
 
     @torch.no_grad()
     def _count(self, layer: int, module: torch.nn.Module, inputs: tuple, output) -> None:
@@ -90,20 +94,23 @@ class ExpertLoadRecorder:
             probs = torch.softmax(logits.float(), dim=-1)  # (tokens, experts)
             chosen = probs.topk(self.top_k, dim=-1).indices
             entropy = torch.special.entr(probs).sum(-1)
-            if self._real is None:
+            real = getattr(self._forward, "real", None)
+            if real is None:
                 weights, real_entropy = torch.ones_like(chosen), entropy.sum()
             else:
-                weights, real_entropy = self._real[:, None].expand_as(chosen), (entropy * self._real).sum()
-            self._counts[layer].index_add_(0, chosen.flatten(), weights.flatten())
-            self._entropy[layer] += real_entropy
+                weights, real_entropy = real[:, None].expand_as(chosen), (entropy * real).sum()
+            with self._lock:
+                self._counts[layer].index_add_(0, chosen.flatten(), weights.flatten())
+                self._entropy[layer] += real_entropy
         except Exception as err:
             self.on_error(err)
 
     def take(self) -> ExpertLoad:
-        """The load since the last `take`, and counting starts afresh. Call it between forwards."""
-        counts, entropy = self._counts.to("cpu", copy=True), self._entropy.to("cpu", copy=True)
-        self._counts.zero_()
-        self._entropy.zero_()
+        """The load since the last `take`, and counting starts afresh."""
+        with self._lock:
+            counts, entropy = self._counts.to("cpu", copy=True), self._entropy.to("cpu", copy=True)
+            self._counts.zero_()
+            self._entropy.zero_()
         tokens = counts.sum(1) / self.top_k
         return ExpertLoad(counts, entropy / tokens.clamp(min=1))
 

@@ -12,21 +12,22 @@ why the scheduling lives here: it is plain tensor bookkeeping around `model(...)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from strata.data.tokenizer import stop_token_ids
 from strata.serve.kv_cache import is_out_of_memory, peak_cache_tokens, stack_right_aligned
 from strata.serve.metrics import ObservabilityErrors
+from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.sampling import SamplingParams, TokenLogprob, sample
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class StepStats:
     queue_length: int
     running: int  # rows still in the batch after the step
     cache_tokens: int  # what the batch's KV cache holds after the step: rows x longest row, padding included
+    tokens: int  # generated this step: batch_size of one engine (`EngineLoops` sums the rest over its loops)
 
 
 def bucket(length: int) -> int:
@@ -106,6 +108,9 @@ class Engine:
         admission_wait_s: float = 0.0,
         kv_cache_tokens: int | None = None,
         observer_errors: ObservabilityErrors | None = None,
+        request_ids: Iterator[int] | None = None,
+        torch_threads: int | None = None,
+        adapters: MixedAdapters | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -123,11 +128,11 @@ class Engine:
         self.on_step = on_step
         self.observer_errors = observer_errors or ObservabilityErrors()  # on_step may fail; a request never does
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        # A peft model serving several adapters decodes each row with its own (peft's mixed-adapter batches).
-        self.mixed_adapters = isinstance(model, PeftModel)
+        self.adapters = adapters  # a base serving several LoRA adapters decodes each row with its own
         self.model_lock = threading.Lock()  # held by each step: whoever changes the model (adds an adapter) waits
+        self.torch_threads = torch_threads  # set on the scheduler thread (OpenMP's thread count is per thread)
 
-        self._ids = itertools.count()
+        self._ids = request_ids or itertools.count()  # shared by engines on one model, whose ids must not clash
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._admitting: list[list[Sequence]] = []  # taken from the queue, not yet in the batch: groups to prefill
@@ -162,7 +167,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this model server's "
                 f"KV cache budget of {self.kv_cache_tokens} tokens"
             )
-        if adapter is not None and not self.mixed_adapters:
+        if adapter is not None and not self.adapters:
             raise ValueError(f"adapter {adapter!r} asked of a model that serves none")
         sequence = Sequence(next(self._ids), list(prompt_ids), params, sink, adapter=adapter)
         with self._lock:
@@ -182,6 +187,10 @@ class Engine:
         with self._lock:
             self._stopped = True
             self._lock.notify()
+
+    def load(self) -> int:
+        """Requests in this engine (running, being admitted, waiting): where `EngineLoops` sends the next one."""
+        return len(self.rows) + sum(map(len, self._admitting)) + len(self._waiting)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -205,6 +214,8 @@ class Engine:
         If a step fails (a broken model, out of memory while decoding), every request in the engine ends with finish
         reason "error", later submissions are refused, and `failure` says why: the replica's health check reports
         it, and Serve replaces the replica. Running out of memory while prefilling newcomers fails only them."""
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -252,7 +263,7 @@ class Engine:
         if self.on_step:
             with self._lock:
                 queue_length = len(self._waiting)
-            stats = StepStats(new_tokens, queue_length, len(self.rows), self.mask.numel())
+            stats = StepStats(new_tokens, queue_length, len(self.rows), self.mask.numel(), new_tokens)
             self.observer_errors.guard(self.on_step, stats)
 
     def _take_admissions(self) -> list[Sequence]:
@@ -305,14 +316,10 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            **FORWARD_OPTIONS,
-            **self._adapters(group),
-        ).logits[:, -1]
+        with self._adapters(group):
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, **FORWARD_OPTIONS
+            ).logits[:, -1]
         tokens = self._sample(logits, group)
         self._merge(group, cache, mask, tokens)
 
@@ -337,19 +344,21 @@ class Engine:
         """One token for every row: feed the tokens sampled last iteration."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         positions = (self.mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-        logits = self.model(
-            input_ids=self.next_tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            **FORWARD_OPTIONS,
-            **self._adapters(self.rows),
-        ).logits[:, -1]
+        with self._adapters(self.rows):
+            logits = self.model(
+                input_ids=self.next_tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                **FORWARD_OPTIONS,
+            ).logits[:, -1]
         self.next_tokens = self._sample(logits, self.rows)
 
-    def _adapters(self, rows: list[Sequence]) -> dict[str, list[str]]:
-        """peft's per-row adapter names; `__base__` rows take none."""
-        return {"adapter_names": [s.adapter or "__base__" for s in rows]} if self.mixed_adapters else {}
+    def _adapters(self, rows: list[Sequence]) -> contextlib.AbstractContextManager:
+        """The forward inside decodes each row with its own adapter (rows of none take the base)."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        return self.adapters.rows([s.adapter or BASE_ADAPTER for s in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
         """Each row's next token under its own sampling params (`sampling.sample`), recorded in its sequence here;

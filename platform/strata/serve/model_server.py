@@ -11,7 +11,6 @@ import codecs
 import collections
 import functools
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from transformers import PreTrainedTokenizerBase
 
 from strata.config import VariantConfig
-from strata.serve.engine import Engine, Output, SamplingParams, StepStats, TokenLogprob
+from strata.serve.engine import Output, SamplingParams, StepStats, TokenLogprob
+from strata.serve.engine_loops import EngineLoops
 from strata.serve.kv_cache import cache_tokens_in
 from strata.serve.metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, ObservabilityErrors
 
@@ -58,7 +58,9 @@ class ModelServer:
         self.config = VariantConfig.model_validate(variant)
         if tracking_uri:
             tracking.use_store(tracking_uri)  # the registry too: a $MLFLOW_REGISTRY_URI on the node must not win
-        torch.set_num_threads(self.config.engine.torch_threads or max(1, round(self.config.num_cpus)))
+        settings = self.config.engine
+        threads = settings.torch_threads or max(1, round(self.config.num_cpus / settings.loops))  # per loop
+        torch.set_num_threads(threads)
         self.shared = SharedBase([VariantConfig.model_validate(v) for v in group]) if group else None
         if self.shared:
             model, self.tokenizer, self.info = self.shared.model, self.shared.tokenizer, self.shared.info
@@ -71,16 +73,18 @@ class ModelServer:
         self._unreported_tokens, self._reported_errors, self._next_report = 0, 0, 0.0
         self.streams = 0  # requests being streamed now
         self.finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by how
-        settings = self.config.engine
-        self.engine = Engine(
+        self.engine = EngineLoops(
             model,
             self.tokenizer,
+            settings.loops,
             settings.max_batch_size,
+            kv_cache_tokens=settings.kv_cache_tokens or cache_tokens_in(model, settings.kv_cache_gb),
             on_step=self._record_step,
+            observer_errors=self.observer_errors,
             admission_group=settings.admission_group,
             admission_wait_s=settings.admission_wait_s,
-            kv_cache_tokens=settings.kv_cache_tokens or cache_tokens_in(model, settings.kv_cache_gb),
-            observer_errors=self.observer_errors,
+            torch_threads=threads,
+            adapters=self.shared.adapters if self.shared else None,
         )
 
         tags = {"model": model_name, "variant": self.config.replica_group if group else self.config.name}
@@ -100,7 +104,7 @@ class ModelServer:
         metrics = (self.ttft, self.tpot, self.batch_size, self.queue_length, self.cache_tokens, self.tokens)
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
-        threading.Thread(target=self.engine.run, name="strata-engine", daemon=True).start()
+        self.engine.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the adapters of the group's members it does not serve yet, between two engine steps."""
@@ -109,14 +113,15 @@ class ModelServer:
         for variant in user_config.get("variants", []):
             variant = VariantConfig.model_validate(variant)
             if variant.name not in self.shared.adapter_of:
-                with self.engine.model_lock:
+                with self.engine.paused():
                     self.shared.add(variant)
 
     def _record_step(self, stats: StepStats) -> None:
-        """Runs on the engine thread after every iteration. Exports at most every METRICS_INTERVAL_S, and when the
-        engine runs dry: recording a metric costs more than a small model's decode step would like to pay. Each
-        export is guarded on its own, so one broken metric costs only its own data."""
-        self._unreported_tokens += stats.batch_size
+        """Runs on an engine thread after every iteration of one of its loops (one at a time; the stats are the
+        replica's). Exports at most every METRICS_INTERVAL_S, and when the engine runs dry: recording a metric costs
+        more than a small model's decode step would like to pay. Each export is guarded on its own, so one broken
+        metric costs only its own data."""
+        self._unreported_tokens += stats.tokens
         drained = not stats.queue_length and not stats.running
         now = time.monotonic()
         if now < self._next_report and not drained:

@@ -1,34 +1,27 @@
-"""Many LoRA variants on one base: the base loaded once as a peft model, each variant's adapter under its own name.
+"""Many LoRA variants on one base: the base loaded once, each variant's adapter stacked beside it under its name.
 
 A variant's adapter is its `adapter` (a directory or an MLflow URI such as `runs:/ID/adapter`) applied to its
 `model`, or, for a registered fine-tune, the adapter its run logged, applied to the base version it records.
-Rows of every variant decode in one batch through peft's mixed-adapter forward (`adapter_names=[...]`, one name per
-row; `__base__` for the base's own rows). Only plain LoRA on `nn.Linear` layers mixes that way: peft 0.21 refuses
-mixed batches for `target_parameters` (its ParamWrapper on the fused experts), so such adapters are refused with an
-error that says so: serve them on their own replicas (no `replica_group`). A QLoRA adapter is served as QLoRA adapters
-usually are, on the base at the group's precision; it trained against the NF4-rounded base, and its registered export
-folds it into that dequantised base, so the two can differ on a few greedy tokens (its info says `method: qlora`).
-A hand-written mixed LoRA (each layer's adapters stacked, one gathered `bmm` per layer for the whole batch) measured
-no faster than peft's on the `small` preset at 32 rows (36.9 vs 36.8 ms a decode step, 2 CPU threads), so peft's is
-the one used.
+Rows of every variant decode in one batch (`mixed_lora.MixedAdapters`: one name per row, `__base__` for the base's
+own rows). Only LoRA on linear layers stacks that way: adapters of the fused experts (`target_parameters`), DoRA and
+the like are refused with an error that says so: serve them on their own replicas (no `replica_group`). A QLoRA
+adapter is served as QLoRA adapters usually are, on the base at the group's precision; it trained against the
+NF4-rounded base, and its registered export folds it into that dequantised base, so the two can differ on a few
+greedy tokens (its info says `method: qlora`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.registry import ResolvedModel, fine_tune_of, resolve_model
 from strata.serve.loading import fetch_adapter
+from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.precision import to_serving_precision
-
-BASE_ADAPTER = "__base__"  # peft's name, in a mixed batch, for rows that take no adapter
 
 
 @dataclass(frozen=True)
@@ -50,20 +43,6 @@ def adapter_source(variant: VariantConfig) -> AdapterSource:
     return AdapterSource(tuned.base, tuned.adapter, info)
 
 
-def check_mixable(name: str, adapter_dir: str) -> None:
-    """Refuse what peft cannot mix in one batch, before it is loaded (peft would fail at the first forward)."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"variant {name!r}: a {config.get('peft_type')} adapter; a replica group shares LoRA only")
-    if config.get("target_parameters"):
-        raise ValueError(
-            f"variant {name!r}: its adapter sets target_parameters {config['target_parameters']}, which peft cannot "
-            "mix with other adapters in one batch: serve it without replica_group"
-        )
-    if config.get("use_dora"):
-        raise ValueError(f"variant {name!r}: a DoRA adapter, which peft cannot mix in one batch")
-
-
 def check_groups(config: ServeConfig) -> None:
     """Before anything loads (at deploy): each replica group has an adapter to share its base with."""
     for group, members in replica_groups(config.variants).items():
@@ -77,11 +56,11 @@ def check_groups(config: ServeConfig) -> None:
 
 class SharedBase:
     """One base model and the adapters of the variants it serves. `add` loads a variant's adapter; the engine
-    decodes a row of variant V with `adapter_of[V]`."""
+    decodes a row of variant V with `adapter_of[V]` (through `adapters`)."""
 
     def __init__(self, variants: list[VariantConfig]):
-        """Loads the base and the first adapter (a peft model needs one), then the others. Every variant must name
-        the same base (registry versions are compared by number, directories by path)."""
+        """Loads the base, then every variant's adapter. Every variant must name the same base (registry versions
+        are compared by number, directories by path)."""
         sources = {v.name: adapter_source(v) for v in variants}
         adapters = [name for name, source in sources.items() if source.adapter]
         if not adapters:
@@ -91,17 +70,14 @@ class SharedBase:
         self.base_spec = sources[adapters[0]].base
         self.resolved: ResolvedModel = resolve_model(self.base_spec)
         base = AutoModelForCausalLM.from_pretrained(self.resolved.directory)
-        base, self.precision = to_serving_precision(base, self.settings, self.device)
-        base.config.output_router_logits = False  # router logits feed training losses only
-        first = sources[adapters[0]]
-        self.model = PeftModel.from_pretrained(base, self._adapter_dir(adapters[0], first), adapter_name=adapters[0])
-        self.model.eval()
+        self.model, self.precision = to_serving_precision(base, self.settings, self.device)
+        self.model.config.output_router_logits = False  # router logits feed training losses only
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.resolved.directory)
-        self.adapter_of = {adapters[0]: adapters[0]}
-        self.info = {adapters[0]: {**first.info, **self.precision}}
+        self.adapters = MixedAdapters(self.model)
+        self.adapter_of: dict[str, str] = {}
+        self.info: dict[str, dict[str, str]] = {}
         for variant in variants:
-            if variant.name not in self.adapter_of:
-                self.add(variant, sources[variant.name])
+            self.add(variant, sources[variant.name])
 
     def add(self, variant: VariantConfig, source: AdapterSource | None = None) -> None:
         """Serve one more variant: load its adapter (nothing for the base itself) next to the others."""
@@ -111,12 +87,6 @@ class SharedBase:
                 f"variant {variant.name!r} is built on {source.base}, not on its replica group's base {self.base_spec}"
             )
         if source.adapter:
-            self.model.load_adapter(self._adapter_dir(variant.name, source), adapter_name=variant.name)
-            self.model.eval()
+            self.adapters.add(variant.name, fetch_adapter(source.adapter))
         self.adapter_of[variant.name] = variant.name if source.adapter else BASE_ADAPTER
         self.info[variant.name] = {**source.info, **self.precision}
-
-    def _adapter_dir(self, name: str, source: AdapterSource) -> str:
-        directory = fetch_adapter(source.adapter)
-        check_mixable(name, directory)
-        return directory
