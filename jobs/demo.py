@@ -108,6 +108,7 @@ def main() -> int:
     deployed = strata_cli(
         ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "0.5", "--port", str(port)]
         + ["--share-base"]  # fast is an adapter of stable: one replica, the base loaded once, bf16 where the CPU has it
+        + ["--loops", "2"]  # two engine loops on that one copy of the weights keep both cores decoding
         + ["--requests-per-minute", "6000", "--burst", str(SERVE_REQUESTS)]  # one key sends all the demo's traffic
     )
     if deployed != 0:
@@ -191,16 +192,20 @@ def main() -> int:
 
 
 def serving_replicas(app: str) -> str:
-    """How many model replicas serve the split, and in what precision (what each replica reports of itself)."""
+    """How many model replicas serve the split, in what precision, with how many engine loops (what each replica
+    reports of itself)."""
     from ray import serve
 
     deployments = {n: d for n, d in serve.status().applications[app].deployments.items() if n != "Router"}
     count = sum(sum(d.replica_states.values()) for d in deployments.values())
     described = []
     for name in deployments:
-        info = serve.get_deployment_handle(name, app_name=app).stats.remote().result()["info"]
-        info = info if "dtype" in info else next(iter(info.values()))  # a replica group reports each member
-        described.append(f"{name} in {info['dtype']} ({info['dtype_reason']}), quantization {info['quantization']}")
+        stats = serve.get_deployment_handle(name, app_name=app).stats.remote().result()
+        info = stats["info"] if "dtype" in stats["info"] else next(iter(stats["info"].values()))  # a group: per member
+        described.append(
+            f"{name} in {info['dtype']} ({info['dtype_reason']}), quantization {info['quantization']}, "
+            f"{stats['loops']} engine loop{'s' if stats['loops'] != 1 else ''}"
+        )
     return f"{count} model replica{'s' if count != 1 else ''}: " + "; ".join(described)
 
 

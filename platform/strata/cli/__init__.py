@@ -192,6 +192,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         num_gpus=args.num_gpus,
         resources=parse_resources(args.resources),
         max_batch_size=args.max_batch_size,
+        loops=args.loops,
         dtype=args.dtype,
         quantization=args.quantization,
         share_base=args.share_base,
@@ -348,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resources", help="custom Ray resources per model replica, as JSON: '{\"serve_gpu\": 1}' (cluster/aws.yaml)"
     )
     dep.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together per replica")
+    dep.add_argument(
+        "--loops",
+        type=int,
+        default=1,
+        help="engine loops per replica, one copy of the weights: on a CPU, one per core decodes faster than one loop",
+    )
     dep.add_argument(
         "--dtype",
         default="auto",

@@ -58,6 +58,7 @@ class DeployRequest:
     num_gpus: float = 0
     resources: dict[str, float] | None = None  # custom Ray resources per model replica (a cluster's serve group)
     max_batch_size: int = 32
+    loops: int = 1  # engine loops per replica over one copy of the weights
     dtype: str = "auto"
     quantization: str = "none"
     share_base: bool = False  # the variants in one replica group: one base, each fine-tune's adapter beside it
@@ -89,7 +90,10 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             num_gpus=request.num_gpus,
             resources=request.resources or {},
             engine=EngineSettings(
-                max_batch_size=request.max_batch_size, dtype=request.dtype, quantization=request.quantization
+                max_batch_size=request.max_batch_size,
+                loops=request.loops,
+                dtype=request.dtype,
+                quantization=request.quantization,
             ),
             replica_group="shared" if request.share_base else None,
         )
