@@ -107,13 +107,16 @@ def test_two_engine_loops_on_one_base_decode_concurrent_mixed_traffic_as_the_mer
         assert collector.text == merged_references[(prompt, variant)], (prompt, variant)
 
 
-def test_adapters_peft_cannot_mix_are_refused_naming_the_variant(tiny_base, tmp_path):
+def test_adapters_that_do_not_stack_are_refused_naming_the_variant(tiny_base, tmp_path):
     experts = make_adapter(
         tiny_base, tmp_path / "experts", 3, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]
     )
     variants = [VariantConfig(name="moe", model=str(tiny_base), adapter=str(experts), replica_group="g", engine=FP32)]
     with pytest.raises(ValueError, match="variant 'moe'.*target_parameters"):
         SharedBase(variants)
+    dora = make_adapter(tiny_base, tmp_path / "dora", 4, use_dora=True)
+    with pytest.raises(ValueError, match="variant 'd': a DoRA adapter; serve it without replica_group"):
+        SharedBase([VariantConfig(name="d", model=str(tiny_base), adapter=str(dora), replica_group="g", engine=FP32)])
     with pytest.raises(ValueError, match="replica group 'g' has no adapter"):
         SharedBase([VariantConfig(name="base", model=str(tiny_base), replica_group="g", engine=FP32)])
 

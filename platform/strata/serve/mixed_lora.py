@@ -122,19 +122,22 @@ def read_adapter(name: str, adapter_dir: str | Path) -> dict[str, tuple[torch.Te
     """A peft LoRA adapter's factors by module path: (A, B x scaling). Refuses, naming the variant, what does not
     stack onto plain linear layers."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    refusals = {
-        "peft_type": config.get("peft_type") != "LORA" and f"a {config.get('peft_type')} adapter, not LoRA",
-        "target_parameters": config.get("target_parameters")
-        and f"its adapter sets target_parameters {config['target_parameters']} (LoRA on fused expert parameters), "
-        "which does not stack beside other adapters",
-        "use_dora": config.get("use_dora") and "a DoRA adapter",
-        "bias": config.get("bias", "none") != "none" or config.get("lora_bias"),
-        "modules_to_save": config.get("modules_to_save") and f"it trains {config['modules_to_save']} in full",
-    }
-    for field, refusal in refusals.items():
-        if refusal:
-            reason = refusal if isinstance(refusal, str) else f"{field} trains the base's biases"
-            raise ValueError(f"variant {name!r}: {reason}; serve it without replica_group")
+    refusals = []
+    if config.get("peft_type") != "LORA":
+        refusals.append(f"a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("target_parameters"):
+        refusals.append(
+            f"its adapter sets target_parameters {config['target_parameters']} (LoRA on fused expert parameters), "
+            "which does not stack beside other adapters"
+        )
+    if config.get("use_dora"):
+        refusals.append("a DoRA adapter")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        refusals.append("its adapter trains biases, which would change the shared base")
+    if config.get("modules_to_save"):
+        refusals.append(f"its adapter trains {config['modules_to_save']} in full")
+    if refusals:
+        raise ValueError(f"variant {name!r}: {refusals[0]}; serve it without replica_group")
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     unknown = [key for key in weights if not key.endswith((A_SUFFIX, B_SUFFIX))]
     if unknown:
@@ -149,4 +152,6 @@ def read_adapter(name: str, adapter_dir: str | Path) -> dict[str, tuple[torch.Te
             )
             scaling = alpha / (math.sqrt(a.shape[0]) if config.get("use_rslora") else a.shape[0])
             factors[path] = (a, b * scaling)
+    if not factors:
+        raise ValueError(f"variant {name!r}: its adapter in {adapter_dir} holds no LoRA factors")
     return factors

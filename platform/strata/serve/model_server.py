@@ -1,4 +1,4 @@
-"""The model deployment: one model version behind a continuous-batching engine, on its own scheduler thread.
+"""The model deployment: one model version behind a continuous-batching engine, each loop on its own scheduler thread.
 
 It takes plain requests (a dict: prompt or messages, sampling settings) from the router and streams chunks of
 text back; it knows nothing of HTTP, keys or splits.
