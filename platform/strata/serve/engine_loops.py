@@ -102,12 +102,11 @@ class EngineLoops:
             return
         with self._step_lock:
             self._latest[loop] = stats
-            latest = self._latest
             replica = StepStats(
-                sum(s.batch_size for s in latest),
-                sum(s.queue_length for s in latest),
-                sum(s.running for s in latest),
-                sum(s.cache_tokens for s in latest),
+                sum(s.batch_size for s in self._latest),
+                sum(s.queue_length for s in self._latest),
+                sum(s.running for s in self._latest),
+                sum(s.cache_tokens for s in self._latest),
                 stats.tokens,
             )
             self.on_step(replica)

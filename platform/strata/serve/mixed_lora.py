@@ -41,14 +41,14 @@ class MixedLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, adapters: MixedAdapters):
         super().__init__()
         self.base = base
-        self.adapters = [adapters]  # in a list: the owner is not a submodule
+        self.mask = adapters.mask  # the calling thread's row mask
         zeros = partial(torch.zeros, dtype=torch.float32, device=base.weight.device)
         self.register_buffer("lora_a", zeros(0, base.in_features))  # (total rank, in)
         self.register_buffer("lora_b", zeros(base.out_features, 0))  # (out, total rank), scaled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        mask = self.adapters[0].mask()  # (rows, 1, total rank), or None: base only
+        mask = self.mask()  # (rows, 1, total rank), or None: base only
         if mask is None or not self.lora_a.numel():
             return out
         return out + F.linear(F.linear(x.float(), self.lora_a) * mask, self.lora_b).to(out.dtype)
