@@ -359,3 +359,39 @@ def test_deploy_resources_must_be_a_json_object_of_numbers(capsys):
     assert router.ray_actor_options["resources"] == {"driver": 0.1}
     [model_server] = [d for d in router.init_args[1].values()]
     assert model_server._bound_deployment.ray_actor_options["resources"] == {"serve_gpu": 1}
+
+
+def test_an_unpaced_choice_reaches_its_event_loop_once_whole():
+    """A plain (non-streaming) completion's tokens stay on the engine thread until the choice finishes: one hand-over,
+    carrying all the text and logprobs, and the time the first token came for the reply's TTFT."""
+    import asyncio
+
+    from strata.serve.engine import Output, TokenLogprob
+    from strata.serve.model_server import _Held
+
+    async def main() -> tuple[list, _Held, float]:
+        outputs: asyncio.Queue = asyncio.Queue()
+        sink = _Held(asyncio.get_running_loop(), outputs, index=3)
+        before = time.perf_counter()
+        parts = [("de", None), ("f ", None), ("f():", "length")]
+        tokens = [TokenLogprob(token=i, logprob=-0.5 * i, top=()) for i in range(3)]
+
+        def engine() -> None:
+            for i, (text, finish) in enumerate(parts):
+                sink(Output(text, finish, prompt_tokens=4, completion_tokens=i + 1, logprobs=(tokens[i],)))
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        got = [await outputs.get()]
+        thread.join()
+        while not outputs.empty():
+            got.append(outputs.get_nowait())
+        return got, sink, before
+
+    got, sink, before = asyncio.run(main())
+    assert len(got) == 1  # no wake-up per token
+    index, whole = got[0]
+    assert index == 3 and whole.text == "def f():" and whole.finish_reason == "length"
+    assert whole.completion_tokens == 3 and [t.token for t in whole.logprobs] == [0, 1, 2]
+    assert before <= sink.first_at < before + 0.01  # the first token's time, not the hand-over's

@@ -10,10 +10,11 @@ import asyncio
 import codecs
 import collections
 import functools
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray import serve
@@ -200,8 +201,9 @@ class ModelServer:
 
     async def generate(self, request: dict[str, Any], paced: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Chunks of new text, each of one choice (`index`: prompt_index * candidates + i) and carrying the usage so
-        far. `paced` streams let tokens gather into a chunk for the stream interval (bounding what streaming costs);
-        an unpaced reader takes each token as it comes, for a reply that waits on none."""
+        far. `paced` streams let tokens gather into a chunk for the stream interval (bounding what streaming costs).
+        An unpaced reader wants whole replies: the engine thread holds each choice's tokens and hands them over once
+        it finishes, so no per-token wake-up takes the GIL from the engine loops; its chunks carry `ttft_s`."""
         started = time.perf_counter()
         prompts = self.prompt_ids(request)
         refusal = self.refusal(prompts, request)
@@ -218,6 +220,7 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         choices: dict[int, _Choice] = {}
+        held: list[_Held] = []
         guard = self.observer_errors.guard
         first_at = None
         if paced:
@@ -227,7 +230,11 @@ class ModelServer:
                 for candidate in range(request["best_of"]):
                     index = prompt_index * request["best_of"] + candidate
                     params = self.sampling_params(request, candidate)
-                    sink = functools.partial(_deliver, loop, outputs, index)
+                    if paced:
+                        sink = functools.partial(_deliver, loop, outputs, index)
+                    else:
+                        sink = _Held(loop, outputs, index)
+                        held.append(sink)
                     try:
                         request_id = self.engine.submit(ids, params, sink, adapter)
                     except ValueError as err:  # more than this replica's KV cache can ever hold
@@ -250,7 +257,7 @@ class ModelServer:
                         return
                     raise RuntimeError(reason)
                 if first_at is None:
-                    first_at = time.perf_counter()
+                    first_at = min(h.first_at for h in held if h.first_at) if held else time.perf_counter()
                     guard(self.ttft.observe, first_at - started)
                 chunks: dict[int, dict[str, Any]] = {}
                 for index, output in batch:
@@ -266,6 +273,7 @@ class ModelServer:
                 usage = {
                     "prompt_tokens": sum(len(ids) for ids in prompts),
                     "completion_tokens": sum(c.completion_tokens for c in choices.values()),
+                    **({} if paced else {"ttft_s": first_at - started}),
                 }
                 for chunk in chunks.values():
                     yield {**chunk, **usage}
@@ -312,11 +320,10 @@ class ModelServer:
         (`ttft_s`) and the time it all took (`seconds`).
 
         Non-streaming requests take this path: one round trip from the router instead of a stream of chunks."""
-        started, first_at, choices, last = time.perf_counter(), None, {}, {}
+        started, choices, last = time.perf_counter(), {}, {}
         async for chunk in self.generate(request, paced=False):
             if "error" in chunk:
                 return chunk
-            first_at = first_at or time.perf_counter()
             empty = {"index": chunk["index"], "text": "", "logprobs": None if chunk["logprobs"] is None else []}
             choice = choices.setdefault(chunk["index"], empty)
             choice["text"] += chunk["text"]
@@ -328,7 +335,7 @@ class ModelServer:
             "choices": best_of(sorted(choices.values(), key=lambda c: c["index"]), request),
             "prompt_tokens": last["prompt_tokens"],
             "completion_tokens": last["completion_tokens"],  # of all candidates: each was generated
-            "ttft_s": first_at - started,
+            "ttft_s": last["ttft_s"],
             "seconds": time.perf_counter() - started,
         }
 
@@ -404,3 +411,24 @@ def _bad_request(message: str, param: str, code: str | None = None) -> dict[str,
 def _deliver(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int, output: Output) -> None:
     """The engine thread's sink for one choice: hand its output to the request's event loop."""
     loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
+
+
+class _Held:
+    """The engine thread's sink for one choice of an unpaced reader: it keeps the outputs, noting when the first came,
+    and hands them to the request's event loop as one once the choice finishes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int):
+        self.loop, self.outputs, self.index = loop, outputs, index
+        self.parts: list[Output] = []
+        self.first_at: float | None = None
+
+    def __call__(self, output: Output) -> None:
+        self.first_at = self.first_at or time.perf_counter()
+        self.parts.append(output)
+        if output.finish_reason:
+            whole = replace(
+                output,
+                text="".join(part.text for part in self.parts),
+                logprobs=tuple(itertools.chain.from_iterable(part.logprobs for part in self.parts)),
+            )
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (self.index, whole))
