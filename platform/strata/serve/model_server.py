@@ -257,7 +257,7 @@ class ModelServer:
                         return
                     raise RuntimeError(reason)
                 if first_at is None:
-                    first_at = min(h.first_at for h in held if h.first_at) if held else time.perf_counter()
+                    first_at = min(h.first_at for h in held if h.first_at is not None) if held else time.perf_counter()
                     guard(self.ttft.observe, first_at - started)
                 chunks: dict[int, dict[str, Any]] = {}
                 for index, output in batch:
