@@ -423,7 +423,8 @@ class _Held:
         self.first_at: float | None = None
 
     def __call__(self, output: Output) -> None:
-        self.first_at = self.first_at or time.perf_counter()
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
         self.parts.append(output)
         if output.finish_reason:
             whole = replace(
