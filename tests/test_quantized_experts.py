@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from strata.models.presets import build_model
 from strata.models.quantized_experts import (
+    INT8_MATMUL_MAX_ROWS,
     QuantizedExpertWeight,
     dequantize_experts,
     quantize_experts,
@@ -48,6 +49,18 @@ def test_quantised_storage_is_a_fraction_of_fp32():
         quantized = QuantizedExpertWeight(weight, scheme, torch.float32)
         stored = sum(b.numel() * b.element_size() for b in quantized.buffers())
         assert stored < most * fp32_bytes, (scheme, stored / fp32_bytes)
+
+
+def test_few_rows_run_on_the_int8_weights_as_the_dequantised_linear_would():
+    weight = torch.randn(3, 192, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    quantized = QuantizedExpertWeight(weight, "int8", torch.bfloat16)
+    few = torch.randn(INT8_MATMUL_MAX_ROWS, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        assert quantized.int8_matmul_fits(few)
+        assert not quantized.int8_matmul_fits(torch.cat([few, few[:1]]))  # more rows: dequantise, bf16 kernel
+        expected = torch.nn.functional.linear(few.float(), quantized.dequantize(2).float())
+        torch.testing.assert_close(quantized.int8_linear(few, 2).float(), expected, atol=2e-3, rtol=2e-2)
+    assert not quantized.int8_matmul_fits(few)  # with autograd on, backward needs the dequantised path
 
 
 @pytest.mark.parametrize(("scheme", "tolerance"), [("nf4", 0.05), ("int8", 0.005)])

@@ -27,6 +27,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 IMPLEMENTATION = "strata_quantized"
 NF4_BLOCKSIZE = 64
+# Below this many rows an int8 expert runs as torch's int8-weight matmul (CPU), its weights never dequantised: at 8
+# rows 63 us against 182 us for dequantise + bf16 linear (768x384, 2 cores); from ~28 rows the bf16 kernel wins.
+INT8_MATMUL_MAX_ROWS = 24
 
 
 class QuantizedExpertWeight(nn.Module):
@@ -75,6 +78,18 @@ class QuantizedExpertWeight(nn.Module):
         )
         return bnb.dequantize_4bit(self.data[expert], state)
 
+    def int8_matmul_fits(self, x: torch.Tensor) -> bool:
+        """Whether `x @ W_e.T` can run on the int8 weights as they are: CPU inference on a few rows."""
+        return (
+            self.scheme == "int8"
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and x.shape[0] <= INT8_MATMUL_MAX_ROWS
+        )
+
+    def int8_linear(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.data[expert], self.scale[expert, :, 0].to(x.dtype))
+
     def dequantize_all(self) -> torch.Tensor:
         return torch.stack([self.dequantize(e) for e in range(self.shape[0])])
 
@@ -94,7 +109,11 @@ class _DequantizedLinear(torch.autograd.Function):
 
 def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
     """One expert's projection: the quantised base plus any LoRA peft has parametrised onto the fused parameter."""
-    out = _DequantizedLinear.apply(x, getattr(experts, f"{name}_quantized"), expert)
+    quantized = getattr(experts, f"{name}_quantized")
+    if quantized.int8_matmul_fits(x):
+        out = quantized.int8_linear(x, expert)
+    else:
+        out = _DequantizedLinear.apply(x, quantized, expert)
     if not parametrize.is_parametrized(experts, name):
         return out
     for proxy in experts.parametrizations[name]:
