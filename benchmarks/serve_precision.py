@@ -58,8 +58,9 @@ TARGETS = {  # (precision, metric, relation, bound vs fp32)
 
 
 def train(model_dir: Path, sequences: np.ndarray, steps: int, console: Console) -> None:
-    """A short AdamW run in fp32, saved over the fresh weights."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=False).train()
+    """A short AdamW run in fp32, saved over the fresh weights; with the router's load-balancing loss, as Strata's
+    pretraining trains it."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, output_router_logits=True).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     rng = np.random.default_rng(0)
     with console.status(f"training {steps} steps"):
@@ -70,6 +71,7 @@ def train(model_dir: Path, sequences: np.ndarray, steps: int, console: Console) 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     console.print(f"trained {steps} steps: last batch loss {loss.item():.3f}")
+    model.config.output_router_logits = False
     model.save_pretrained(model_dir)
 
 
