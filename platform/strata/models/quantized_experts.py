@@ -4,7 +4,8 @@ transformers keeps Qwen3-MoE's experts as `gate_up_proj` (experts, 2*inter, hidd
 (experts, hidden, inter) parameters; bitsandbytes only quantises nn.Linear, so those stay in full precision and they
 are most of an MoE's bytes. Here each expert matrix is quantised on its own (NF4 through bitsandbytes, int8 as
 per-row absmax) and the experts run through transformers' experts-implementation dispatch, dequantising one expert at
-a time. Backward dequantises again instead of keeping the full-precision weight alive.
+a time (or, for an int8 expert given a few rows in CPU inference, multiplying by its int8 weights directly). Backward
+dequantises again instead of keeping the full-precision weight alive.
 
 peft's `target_parameters` LoRA keeps working: the fused parameter stays as a one-element placeholder of the right
 shape, peft registers its LoRA parametrization on it as usual, and the forward here reads the low-rank factors from
