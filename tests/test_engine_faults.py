@@ -146,8 +146,8 @@ def generate(server, prompt: str, max_tokens: int) -> list[dict]:
 def test_an_engine_failure_is_counted_as_an_error_not_a_cancellation(model_server, tiny_base):
     """The fault of test_engine's failing-model test, under the model server: the request metric says "error"."""
     finished = generate(model_server, PROMPTS[0], 4)[-1]["finish_reason"]
-    layer = model_server.engine.model.model.layers[0].self_attn.q_proj
-    layer.weight = torch.nn.Parameter(torch.zeros(3, 3))  # the fault: every forward fails from now on
+    attention = model_server.engine.model.model.layers[0].self_attn
+    attention.q_proj = torch.nn.Linear(3, 3)  # the fault (whichever kernel q_proj ran on): every forward fails now
     [failed] = generate(model_server, PROMPTS[0], 4)
     assert failed["status"] == 503 and "generation failed" in failed["error"]
     assert model_server.engine.failure

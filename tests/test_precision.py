@@ -54,6 +54,8 @@ def test_bf16_and_int8_replicas_agree_with_fp32_on_most_greedy_tokens(tiny_base)
         engine = {"dtype": dtype, "quantization": quantization}
         model, _, info = load_for_serving(VariantConfig(name="stable", model=str(tiny_base), engine=engine))
         assert (info["dtype"], info["quantization"]) == (dtype, quantization)
+        amx = dtype == "bfloat16" and quantization == "none" and torch.cpu._is_amx_tile_supported()
+        assert info["kernels"].startswith("AMX brgemm") == amx, info["kernels"]
         return model
 
     fp32 = load("float32")

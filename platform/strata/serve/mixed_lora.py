@@ -31,6 +31,8 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
+from strata.models.amx_bf16 import AmxLinear
+
 BASE_ADAPTER = "__base__"  # the name of a row that takes no adapter
 PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.weight"  # peft's saved keys
 
@@ -38,11 +40,11 @@ PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.wei
 class MixedLoraLinear(nn.Module):
     """A base linear layer plus every adapter's factors, applied to each row as the calling thread's mask says."""
 
-    def __init__(self, base: nn.Linear, adapters: MixedAdapters):
+    def __init__(self, base: nn.Linear | AmxLinear, adapters: MixedAdapters):
         super().__init__()
         self.base = base
         self.mask = adapters.mask  # the calling thread's row mask
-        zeros = partial(torch.zeros, dtype=torch.float32, device=base.weight.device)
+        zeros = partial(torch.zeros, dtype=torch.float32, device=adapters.model.device)
         self.register_buffer("lora_a", zeros(0, base.in_features))  # (total rank, in)
         self.register_buffer("lora_b", zeros(base.out_features, 0))  # (out, total rank), scaled
 
@@ -93,7 +95,7 @@ class MixedAdapters:
     def _wrap(self, name: str, path: str) -> None:
         parent, _, child = path.rpartition(".")
         module = self.model.get_submodule(path)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear | AmxLinear):
             raise ValueError(f"variant {name!r}: its adapter adapts {path}, a {type(module).__name__}, not a linear")
         layer = MixedLoraLinear(module, self)
         layer.append(None, None, self.width())  # the adapters loaded before, which do not adapt this layer

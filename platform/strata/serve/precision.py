@@ -98,12 +98,28 @@ def to_serving_precision(model: nn.Module, variant: VariantConfig, device: torch
     precision = resolve_precision(variant.engine.dtype, device)
     model = model.to(device=device, dtype=precision.dtype).eval()
     layers = quantize_for_serving(model, variant.engine.quantization, precision.dtype)
+    kernels = amx_kernels(model) if variant.engine.quantization == "none" else "torch's (quantised weights)"
     dtype = str(precision.dtype).removeprefix("torch.")
     logger.info(
-        "variant %s computes in %s (%s); quantization %s (%d layers)",
-        *(variant.name, dtype, precision.reason, variant.engine.quantization, layers),
+        "variant %s computes in %s (%s); quantization %s (%d layers); kernels: %s",
+        *(variant.name, dtype, precision.reason, variant.engine.quantization, layers, kernels),
     )
-    return model, {"dtype": dtype, "dtype_reason": precision.reason, "quantization": variant.engine.quantization}
+    return model, {
+        "dtype": dtype,
+        "dtype_reason": precision.reason,
+        "quantization": variant.engine.quantization,
+        "kernels": kernels,
+    }
+
+
+def amx_kernels(model: nn.Module) -> str:
+    """A bf16 model on a CPU with AMX runs on Strata's prepacked brgemm kernels; says which kernels it runs on."""
+    if model.dtype != torch.bfloat16:
+        return "torch's"
+    from strata.models.amx_bf16 import use_amx_bf16
+
+    reason, layers = use_amx_bf16(model)
+    return f"AMX brgemm ({layers} layers prepacked)" if reason is None else f"torch's (AMX brgemm not used: {reason})"
 
 
 def nf4_unavailable() -> str | None:

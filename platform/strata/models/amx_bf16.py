@@ -1,0 +1,148 @@
+"""bf16 CPU inference on AMX: linear layers and MoE experts on oneDNN's brgemm micro-kernel, weights prepacked.
+
+At decode, on this CPU, a bf16 aten::mm costs a fixed ~45-90 us a call whatever the rows, more than fp32's: a batch
+of 32 tokens sends most of a layer's experts 1-8 rows, and transformers' experts loop runs three such calls an
+expert plus the gathers and adds between them. So bf16 decoded no faster than fp32. `csrc/amx_bf16.cpp` packs each
+weight once for torch's brgemm (the micro-kernel inductor and sglang's CPU kernels use) and runs
+  - a linear layer as one call (`AmxLinear`);
+  - a whole MoE layer as one call: rows sorted by expert, gate_up, SiLU-and-mul and down for every expert, each
+    token's top-k outputs summed in fp32 (registered as transformers' experts implementation `strata_amx_bf16`);
+both with the GIL released.
+
+The extension is built on first use (torch's cpp_extension, cached under TORCH_EXTENSIONS_DIR; `make setup` builds
+it) and used only where it applies: inference, a CPU with AMX, bf16 weights without LoRA on them. Anywhere else, or
+if the build fails, the model stays on torch's and transformers' own kernels and the reason is returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from strata.models.quantized_experts import EXPERT_PARAMS
+
+IMPLEMENTATION = "strata_amx_bf16"
+SOURCE = Path(__file__).parent / "csrc" / "amx_bf16.cpp"
+BLOCK = 32  # the kernels' column block: output sizes must be multiples of it
+# AVX-512 is implied by AMX, the only CPUs this is used on; the brgemm itself dispatches inside libtorch.
+CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
+
+
+@functools.cache
+def kernel() -> ModuleType:
+    """The compiled extension (built once per source and flags, then loaded from the cache)."""
+    from torch.utils.cpp_extension import load
+
+    return load(name="strata_amx_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+
+
+def build_where_used() -> str:
+    """Build the kernels ahead of the first replica (`make setup`) on a CPU that would use them."""
+    if not torch.cpu._is_amx_tile_supported():
+        return "bf16 AMX kernels: not built (this CPU has no AMX; bf16 serves on torch's own kernels)"
+    started = time.perf_counter()
+    kernel()
+    return f"bf16 AMX kernels: ready ({time.perf_counter() - started:.0f} s)"
+
+
+class AmxLinear(nn.Module):
+    """A bias-free bf16 linear layer with its weight packed for brgemm."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed_weight", kernel().pack_weight(linear.weight.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        return kernel().linear(rows, self.packed_weight).view(*x.shape[:-1], self.out_features)
+
+
+def amx_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    return kernel().fused_experts(
+        hidden_states.contiguous(), top_k_index, top_k_weights.float(), self.gate_up_packed, self.down_packed
+    )
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, amx_experts_forward)
+
+
+def _experts_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules with plain fused 3-D expert weights (quantised experts keep their own implementation)."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "num_experts")
+        and all(n in m._parameters and not hasattr(m, f"{n}_quantized") for n in EXPERT_PARAMS)
+    ]
+
+
+def _packable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """bf16, bias-free linear layers of kernel-sized shapes whose weight no other module shares (a tied output
+    head keeps the embedding's)."""
+    owners: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        owners[parameter.data_ptr()] = owners.get(parameter.data_ptr(), 0) + 1
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and m.bias is None
+        and m.weight.dtype == torch.bfloat16
+        and m.out_features % BLOCK == 0
+        and m.in_features % 2 == 0
+        and owners[m.weight.data_ptr()] == 1
+    ]
+
+
+def amx_unavailable(model: PreTrainedModel) -> str | None:
+    """Why the AMX kernels cannot run `model`, or None if they can."""
+    if model.device.type != "cpu" or not torch.cpu._is_amx_tile_supported():
+        return "they need a CPU with AMX"
+    if model.dtype != torch.bfloat16:
+        return f"the model is {str(model.dtype).removeprefix('torch.')}, not bfloat16"
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return "the model carries peft adapters (merge them first)"
+    for module in _experts_modules(model):
+        if any(parametrize.is_parametrized(module, n) for n in EXPERT_PARAMS):
+            return "LoRA is parametrized onto the experts"
+        for name in EXPERT_PARAMS:
+            weight = module._parameters[name]
+            if weight.shape[1] % BLOCK or weight.shape[2] % 2:
+                return f"expert weight shape {tuple(weight.shape)} is not a multiple of {BLOCK} (out) and 2 (in)"
+    try:
+        kernel()
+    except Exception as err:  # no compiler, or a failed build: torch's own kernels still work
+        return f"the kernels did not build ({type(err).__name__}: {str(err)[-300:]})"
+    return None
+
+
+def use_amx_bf16(model: PreTrainedModel) -> tuple[str | None, int]:
+    """Run `model`'s linear layers and experts on the AMX kernels, each packed weight in place of the original (the
+    model is for inference from then on). Returns why not (or None) and how many layers now do."""
+    reason = amx_unavailable(model)
+    if reason:
+        return reason, 0
+    linears = _packable_linears(model)
+    for name, linear in linears:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, AmxLinear(linear))
+    experts = _experts_modules(model)
+    for module in experts:
+        for name in EXPERT_PARAMS:
+            weight = module._parameters.pop(name)
+            module.register_buffer(name.replace("_proj", "_packed"), kernel().pack_weight(weight.detach()))
+    if experts:
+        model.config._experts_implementation = IMPLEMENTATION
+    return None, len(linears) + len(experts)

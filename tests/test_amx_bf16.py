@@ -1,0 +1,92 @@
+"""The bf16 AMX kernels: the same outputs as torch's linear and transformers' experts, refused where they cannot run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from strata.models.amx_bf16 import IMPLEMENTATION, AmxLinear, amx_unavailable, kernel, use_amx_bf16
+from strata.models.presets import build_model
+
+amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="the kernels need a CPU with AMX")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return build_model("tiny", 512, special, seed=0).eval()
+
+
+def reference(x, ids, weights, gate_up, down) -> torch.Tensor:
+    """Each token's top-k experts one by one, in fp32 but for the activation's rounding to bf16 (as the kernel)."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for token, (experts, shares) in enumerate(zip(ids, weights, strict=True)):
+        for expert, share in zip(experts.tolist(), shares, strict=True):
+            gate, up = (x[token].float() @ gate_up[expert].float().T).chunk(2)
+            hidden = (torch.nn.functional.silu(gate) * up).bfloat16().float()
+            out[token] += share * (hidden @ down[expert].float().T)
+    return out
+
+
+@amx
+def test_every_routing_gives_the_per_expert_result():
+    """Rows of one expert beyond one 32-row block, experts with no rows, one token: all as the plain loop computes."""
+    generator = torch.Generator().manual_seed(0)
+    experts, hidden, inter, k = 8, 128, 96, 2
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=generator) * 0.05).bfloat16()
+    down = (torch.randn(experts, hidden, inter, generator=generator) * 0.05).bfloat16()
+    packed = kernel().pack_weight(gate_up), kernel().pack_weight(down)
+    for tokens, ids in [
+        (70, torch.stack([torch.zeros(70), torch.arange(70) % 3 + 1], 1)),  # expert 0: 70 rows; 4-7: none
+        (1, torch.tensor([[5, 2]])),
+        (33, torch.randint(0, experts, (33, k), generator=generator)),
+    ]:
+        ids = ids.long()
+        x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+        weights = torch.rand(tokens, k, generator=generator).softmax(-1)
+        got = kernel().fused_experts(x, ids, weights, *packed)
+        want = reference(x, ids, weights, gate_up, down)
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@amx
+def test_a_packed_linear_gives_torchs_result_for_any_row_count():
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 64, bias=False).bfloat16()
+    packed = AmxLinear(linear)
+    for shape in [(1, 96), (3, 5, 96), (70, 96)]:  # one row, leading dims, more than one 32-row block
+        x = torch.randn(shape, generator=generator).bfloat16()
+        torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=2e-2, rtol=2e-2)
+
+
+@amx
+def test_a_bf16_model_on_the_kernels_gives_transformers_logits(tiny_moe):
+    plain = copy.deepcopy(tiny_moe).bfloat16()
+    fast = copy.deepcopy(plain)
+    reason, layers = use_amx_bf16(fast)
+    assert reason is None and fast.config._experts_implementation == IMPLEMENTATION
+    # q, k, v, o a layer and the output head packed, and each layer's experts; the router stays (16 outputs)
+    assert layers == 4 * 2 + 1 + 2 and isinstance(fast.lm_head, AmxLinear)
+    assert not any("experts.gate_up_proj" in name for name, _ in fast.named_parameters())  # packed in its place
+    ids = torch.randint(3, 512, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = plain(ids).logits.float(), fast(ids).logits.float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95  # bf16 rounding may flip a near-tie
+
+
+def test_the_kernels_are_refused_where_they_cannot_run(tiny_moe):
+    if not torch.cpu._is_amx_tile_supported():
+        assert amx_unavailable(copy.deepcopy(tiny_moe).bfloat16()) == "they need a CPU with AMX"
+        return
+    assert amx_unavailable(tiny_moe) == "the model is float32, not bfloat16"
+    adapted = get_peft_model(
+        copy.deepcopy(tiny_moe).bfloat16(), LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"])
+    )
+    assert amx_unavailable(adapted) == "the model carries peft adapters (merge them first)"
+    odd = build_model("tiny", 512, {}, overrides={"moe_intermediate_size": 100}).bfloat16()
+    assert "not a multiple of 32" in amx_unavailable(odd)
