@@ -204,7 +204,7 @@ def serving_replicas(app: str) -> str:
         info = stats["info"] if "dtype" in stats["info"] else next(iter(stats["info"].values()))  # a group: per member
         described.append(
             f"{name} in {info['dtype']} ({info['dtype_reason']}), quantization {info['quantization']}, "
-            f"{stats['loops']} engine loop{'s' if stats['loops'] != 1 else ''}"
+            f"kernels {info['kernels']}, {stats['loops']} engine loop{'s' if stats['loops'] != 1 else ''}"
         )
     return f"{count} model replica{'s' if count != 1 else ''}: " + "; ".join(described)
 

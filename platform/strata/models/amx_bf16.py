@@ -17,6 +17,8 @@ if the build fails, the model stays on torch's and transformers' own kernels and
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import time
 from pathlib import Path
 from types import ModuleType
@@ -39,10 +41,21 @@ CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512
 
 @functools.cache
 def kernel() -> ModuleType:
-    """The compiled extension (built once per source and flags, then loaded from the cache)."""
-    from torch.utils.cpp_extension import load
+    """The compiled extension, built once per source and flags. The source is copied into its build directory
+    first, named by its hash: a Ray worker imports Strata from a per-job copy, and a build from another path
+    would rebuild it."""
+    from torch.utils.cpp_extension import get_default_build_root, load
 
-    return load(name="strata_amx_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    source = SOURCE.read_bytes()
+    name = "strata_amx_bf16_" + hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    directory = Path(get_default_build_root()) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    copy = directory / SOURCE.name
+    if not copy.exists():
+        partial = directory / f"{SOURCE.name}.{os.getpid()}"
+        partial.write_bytes(source)
+        partial.replace(copy)  # atomic: processes starting together never see half a file
+    return load(name=name, sources=[str(copy)], extra_cflags=CFLAGS, build_directory=str(directory), verbose=False)
 
 
 def build_where_used() -> str:
