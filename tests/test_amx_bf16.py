@@ -8,7 +8,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from strata.models.amx_bf16 import IMPLEMENTATION, AmxLinear, amx_unavailable, kernel, use_amx_bf16
+from strata.models.amx_bf16 import (
+    IMPLEMENTATION,
+    AmxLinear,
+    AmxTopKRouter,
+    amx_unavailable,
+    kernel,
+    use_amx_bf16,
+)
 from strata.models.presets import build_model
 
 amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="the kernels need a CPU with AMX")
@@ -69,8 +76,9 @@ def test_a_bf16_model_on_the_kernels_gives_transformers_logits(tiny_moe):
     fast = copy.deepcopy(plain)
     reason, layers = use_amx_bf16(fast)
     assert reason is None and fast.config._experts_implementation == IMPLEMENTATION
-    # q, k, v, o a layer and the output head packed, and each layer's experts; the router stays (16 outputs)
-    assert layers == 4 * 2 + 1 + 2 and isinstance(fast.lm_head, AmxLinear)
+    # q, k, v, o, the router and the experts of each of the 2 layers, and the output head
+    assert layers == 6 * 2 + 1 and isinstance(fast.lm_head, AmxLinear)
+    assert isinstance(fast.model.layers[0].mlp.gate, AmxTopKRouter)
     assert not any("experts.gate_up_proj" in name for name, _ in fast.named_parameters())  # packed in its place
     ids = torch.randint(3, 512, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

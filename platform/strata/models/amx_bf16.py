@@ -4,7 +4,7 @@ At decode, on this CPU, a bf16 aten::mm costs a fixed ~45-90 us a call whatever 
 of 32 tokens sends most of a layer's experts 1-8 rows, and transformers' experts loop runs three such calls an
 expert plus the gathers and adds between them. So bf16 decoded no faster than fp32. `csrc/amx_bf16.cpp` packs each
 weight once for torch's brgemm (the micro-kernel inductor and sglang's CPU kernels use) and runs
-  - a linear layer as one call (`AmxLinear`);
+  - a linear layer as one call (`AmxLinear`; Qwen3-MoE's router too, `AmxTopKRouter`);
   - a whole MoE layer as one call: rows sorted by expert, gate_up, SiLU-and-mul and down for every expert, each
     token's top-k outputs summed in fp32 (registered as transformers' experts implementation `strata_amx_bf16`);
 both with the GIL released.
@@ -19,16 +19,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from strata.models.quantized_experts import EXPERT_PARAMS
 
@@ -41,13 +44,14 @@ CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512
 
 @functools.cache
 def kernel() -> ModuleType:
-    """The compiled extension, built once per source and flags. The source is copied into its build directory
-    first, named by its hash: a Ray worker imports Strata from a per-job copy, and a build from another path
-    would rebuild it."""
+    """The compiled extension, built once per source, flags and environment (its torch headers). The source is
+    copied into its build directory first, named by that hash: a Ray worker imports Strata from a per-job copy, and
+    a build from another path would rebuild it."""
     from torch.utils.cpp_extension import get_default_build_root, load
 
     source = SOURCE.read_bytes()
-    name = "strata_amx_bf16_" + hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    key = source + " ".join([*CFLAGS, sys.prefix, torch.__version__]).encode()
+    name = "strata_amx_bf16_" + hashlib.sha256(key).hexdigest()[:12]
     directory = Path(get_default_build_root()) / name
     directory.mkdir(parents=True, exist_ok=True)
     copy = directory / SOURCE.name
@@ -78,6 +82,28 @@ class AmxLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
         return kernel().linear(rows, self.packed_weight).view(*x.shape[:-1], self.out_features)
+
+
+class AmxTopKRouter(Qwen3MoeTopKRouter):
+    """Qwen3-MoE's top-k router with its matmul on brgemm, the expert count padded to the 32-column block (16
+    experts are otherwise the one matmul of a decode step left on torch's ~80 us bf16 floor). A subclass, so
+    transformers still records its logits where asked to."""
+
+    def __init__(self, router: Qwen3MoeTopKRouter, config: PretrainedConfig):
+        super().__init__(config)
+        del self.weight  # the packed copy replaces it
+        padded = F.pad(router.weight.detach(), (0, 0, 0, -self.num_experts % BLOCK))
+        self.register_buffer("packed_weight", kernel().pack_weight(padded))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `Qwen3MoeTopKRouter.forward`, but for where the logits come from."""
+        rows = hidden_states.reshape(-1, self.hidden_dim).contiguous()
+        router_logits = kernel().linear(rows, self.packed_weight)[:, : self.num_experts]
+        probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_value /= top_value.sum(dim=-1, keepdim=True)
+        return router_logits, top_value.to(router_logits.dtype), top_index
 
 
 def amx_experts_forward(
@@ -151,6 +177,10 @@ def use_amx_bf16(model: PreTrainedModel) -> tuple[str | None, int]:
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, AmxLinear(linear))
+    routers = [(n, m) for n, m in model.named_modules() if type(m) is Qwen3MoeTopKRouter]
+    for name, router in routers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, AmxTopKRouter(router, model.config))
     experts = _experts_modules(model)
     for module in experts:
         for name in EXPERT_PARAMS:
@@ -158,4 +188,4 @@ def use_amx_bf16(model: PreTrainedModel) -> tuple[str | None, int]:
             module.register_buffer(name.replace("_proj", "_packed"), kernel().pack_weight(weight.detach()))
     if experts:
         model.config._experts_implementation = IMPLEMENTATION
-    return None, len(linears) + len(experts)
+    return None, len(linears) + len(routers) + len(experts)
