@@ -33,7 +33,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-from strata.models.quantized_experts import EXPERT_PARAMS
+from strata.models.quantized_experts import EXPERT_PARAMS, fused_experts_modules
 
 IMPLEMENTATION = "strata_amx_bf16"
 SOURCE = Path(__file__).parent / "csrc" / "amx_bf16.cpp"
@@ -119,12 +119,7 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, amx_experts_forward)
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
     """Modules with plain fused 3-D expert weights (quantised experts keep their own implementation)."""
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "num_experts")
-        and all(n in m._parameters and not hasattr(m, f"{n}_quantized") for n in EXPERT_PARAMS)
-    ]
+    return [m for m in fused_experts_modules(model) if not any(hasattr(m, f"{n}_quantized") for n in EXPERT_PARAMS)]
 
 
 def _packable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:

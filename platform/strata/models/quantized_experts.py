@@ -150,7 +150,7 @@ def quantized_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, quantized_experts_forward)
 
 
-def _fused_experts(model: nn.Module) -> list[nn.Module]:
+def fused_experts_modules(model: nn.Module) -> list[nn.Module]:
     """The modules that own fused 3-D expert weights (not peft's wrappers, which reach them through base_layer)."""
     return [m for m in model.modules() if all(n in m._parameters for n in EXPERT_PARAMS) and hasattr(m, "num_experts")]
 
@@ -166,7 +166,7 @@ def quantize_experts(model: PreTrainedModel, scheme: Literal["nf4", "int8"], com
     if scheme not in ("nf4", "int8"):
         raise ValueError(f"scheme must be 'nf4' or 'int8', not {scheme!r}")
     count = 0
-    for experts in _fused_experts(model):
+    for experts in fused_experts_modules(model):
         for name in EXPERT_PARAMS:
             if hasattr(experts, f"{name}_quantized"):
                 continue  # quantised already: what is left is its placeholder
@@ -194,7 +194,7 @@ def keep_out_of_ddp(model: nn.Module) -> None:
 
 def dequantize_experts(model: PreTrainedModel) -> None:
     """Back to plain full-precision expert parameters (for merging an adapter and exporting)."""
-    for experts in _fused_experts(model):
+    for experts in fused_experts_modules(model):
         for name in EXPERT_PARAMS:
             quantized = getattr(experts, f"{name}_quantized", None)
             if quantized is None:

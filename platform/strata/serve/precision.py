@@ -114,9 +114,7 @@ def to_serving_precision(model: nn.Module, variant: VariantConfig, device: torch
 
 def amx_kernels(model: nn.Module) -> str:
     """A bf16 model on a CPU with AMX runs on Strata's prepacked brgemm kernels; says which kernels it runs on."""
-    if model.dtype != torch.bfloat16:
-        return "torch's"
-    from strata.models.amx_bf16 import use_amx_bf16
+    from strata.models.amx_bf16 import use_amx_bf16  # model code, as quantize_for_serving's: not for deploy time
 
     reason, layers = use_amx_bf16(model)
     return f"AMX brgemm ({layers} layers prepacked)" if reason is None else f"torch's (AMX brgemm not used: {reason})"
