@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side (split over (a)'s replicas)")
-    parser.add_argument("--loops", type=int, default=2, help="engine loops of the shared replica (threads split)")
+    parser.add_argument("--loops", type=int, default=1, help="engine loops of the shared replica (threads split)")
     parser.add_argument("--repeats", type=int, default=6, help="turns each side takes")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "shared_adapters.json", help="JSON file")
     args = parser.parse_args()

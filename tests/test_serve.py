@@ -679,8 +679,14 @@ def test_deploy_and_split_commands(served, capsys):
     keys_file = served["home"] / "keys.txt"
     out = served["home"] / "deployed.yaml"
     argv = ["deploy", "--model", MODEL, "--split", "stable=50,fast=50", "--app", "cli", "--num-cpus", "0.5"]
-    assert main([*argv, "--keys-file", str(keys_file), "--out", str(out), "--max-batch-size", "8"]) == 0
+    assert main([*argv, "--keys-file", str(keys_file), "--torch-threads", "0"]) == 2
+    assert "torch_threads" in capsys.readouterr().err  # refused, naming the field, before anything deploys
+    assert (
+        main([*argv, "--keys-file", str(keys_file), "--out", str(out), "--max-batch-size", "8", "--torch-threads", "1"])
+        == 0
+    )
     [app] = yaml.safe_load(out.read_text())["applications"]
+    assert {v["engine"]["torch_threads"] for v in app["args"]["variants"]} == {1}
     assert [v["model"] for v in app["args"]["variants"]] == [f"models:/{MODEL}/1", f"models:/{MODEL}/2"]
     assert app["args"]["auth"]["api_key_hashes"] == [hash_key(key) for key in KEYS.values()]
     assert "api_keys_file" not in app["args"]["auth"] and not [k for k in KEYS.values() if k in out.read_text()]

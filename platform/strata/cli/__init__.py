@@ -193,6 +193,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         resources=parse_resources(args.resources),
         max_batch_size=args.max_batch_size,
         loops=args.loops,
+        torch_threads=args.torch_threads,
         dtype=args.dtype,
         quantization=args.quantization,
         share_base=args.share_base,
@@ -353,7 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--loops",
         type=int,
         default=1,
-        help="engine loops per replica, one copy of the weights: on a CPU, one per core decodes faster than one loop",
+        help="engine loops per replica over one copy of the weights (on torch's CPU kernels, one per core decodes "
+        "faster than one loop; on the bf16 AMX kernels one loop does)",
+    )
+    dep.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch threads per engine loop (default: --num-cpus / --loops, at least 1)",
     )
     dep.add_argument(
         "--dtype",

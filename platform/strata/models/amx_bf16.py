@@ -83,6 +83,16 @@ class AmxLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()
         return kernel().linear(rows, self.packed_weight).view(*x.shape[:-1], self.out_features)
 
+    def with_lora(
+        self, x: torch.Tensor, lora_a: torch.Tensor, lora_b_t: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x @ W.T + ((x @ lora_a.T) * mask) @ lora_b_t in one call, the low-rank part in fp32: stacked adapters'
+        factors (`serve/mixed_lora.py`), `mask` broadcasting to x's rows with a column per factor."""
+        rows = x.reshape(-1, self.in_features).contiguous()
+        mask = mask.expand(*x.shape[:-1], mask.shape[-1]).reshape(rows.shape[0], -1).contiguous()
+        out = kernel().lora_linear(rows, self.packed_weight, lora_a, lora_b_t, mask)
+        return out.view(*x.shape[:-1], self.out_features)
+
 
 class AmxTopKRouter(Qwen3MoeTopKRouter):
     """Qwen3-MoE's top-k router with its matmul on brgemm, the expert count padded to the 32-column block (16

@@ -59,6 +59,7 @@ class DeployRequest:
     resources: dict[str, float] | None = None  # custom Ray resources per model replica (a cluster's serve group)
     max_batch_size: int = 32
     loops: int = 1  # engine loops per replica over one copy of the weights
+    torch_threads: int | None = None  # per loop; None: the replica's CPUs / loops
     dtype: str = "auto"
     quantization: str = "none"
     share_base: bool = False  # the variants in one replica group: one base, each fine-tune's adapter beside it
@@ -92,6 +93,7 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             engine=EngineSettings(
                 max_batch_size=request.max_batch_size,
                 loops=request.loops,
+                torch_threads=request.torch_threads,
                 dtype=request.dtype,
                 quantization=request.quantization,
             ),

@@ -39,8 +39,11 @@ torch::Tensor pack_weight(const torch::Tensor& weight) {
   return w.view(shape);
 }
 
-// x (rows, in) bf16 @ W.T, W packed from (out, in): (rows, out) bf16, in blocks of 32 rows x 32 columns.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed) {
+// x (rows, in) bf16 @ W.T, W packed from (out, in): (rows, out) bf16, in blocks of 32 rows x 32 columns. With
+// `low` (rows, rank) fp32, each row's low-rank activations, it adds low @ lora_bt (rank, out) fp32 to the fp32 tile
+// before rounding: LoRA stacked beside the base layer at no extra pass over the output.
+torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, const float* low, const float* lora_bt,
+                          int64_t rank) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous 2-D bf16");
   const int64_t rows = x.size(0), in = x.size(1), column_blocks = packed.size(0);
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == in, "the packed weight does not match x");
@@ -57,14 +60,61 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed) {
       at::native::cpublas::brgemm(m, BLOCK_N, in, in, BLOCK_N, BLOCK_N, false, a + m0 * in, w + nb * in * BLOCK_N,
                                   tile);
       for (int64_t r = 0; r < m; ++r) {
+        float* t = tile + r * BLOCK_N;
+        for (int64_t j = 0; low != nullptr && j < rank; ++j) {
+          const float h = low[(m0 + r) * rank + j];
+          if (h == 0.0f) continue;  // a column of another row's adapter
+          const float* b = lora_bt + j * out + nb * BLOCK_N;
+#pragma omp simd
+          for (int64_t n = 0; n < BLOCK_N; ++n) t[n] += h * b[n];
+        }
         bf16* dst = c + (m0 + r) * out + nb * BLOCK_N;
 #pragma omp simd
-        for (int64_t n = 0; n < BLOCK_N; ++n) dst[n] = bf16(tile[r * BLOCK_N + n]);
+        for (int64_t n = 0; n < BLOCK_N; ++n) dst[n] = bf16(t[n]);
       }
     }
     at::native::cpublas::brgemm_release();
   });
   return y;
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed) {
+  return linear_impl(x, packed, nullptr, nullptr, 0);
+}
+
+// x @ W.T + ((x @ lora_a.T) * mask) @ lora_bt, the low-rank part in fp32: lora_a (rank, in) and lora_bt (rank, out)
+// stack every adapter's factors, mask (rows, rank) keeps each row's adapter's columns. Masked-out columns are
+// skipped, so a row costs only its own adapter's rank.
+torch::Tensor lora_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& lora_a,
+                          const torch::Tensor& lora_bt, const torch::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous 2-D bf16");
+  const int64_t rows = x.size(0), in = x.size(1), rank = lora_a.size(0);
+  for (const auto* t : {&lora_a, &lora_bt, &mask})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->is_contiguous(), "LoRA: contiguous fp32");
+  TORCH_CHECK(lora_a.size(1) == in && lora_bt.size(0) == rank && lora_bt.size(1) == packed.size(0) * BLOCK_N &&
+                  mask.size(0) == rows && mask.size(1) == rank,
+              "the LoRA factors or the mask do not match x and the packed weight");
+  auto low = at::empty({rows, rank}, lora_a.options());
+  const bf16* input = x.data_ptr<bf16>();
+  const float* factors = lora_a.data_ptr<float>();
+  const float* keep = mask.data_ptr<float>();
+  float* h = low.data_ptr<float>();
+  at::parallel_for(0, rows, 0, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(in);
+    for (int64_t r = begin; r < end; ++r) {
+      std::copy_n(input + r * in, in, row.begin());  // bf16 -> fp32 once, for every column of the row
+      for (int64_t j = 0; j < rank; ++j) {
+        float sum = 0.0f;
+        if (keep[r * rank + j] != 0.0f) {
+          const float* f = factors + j * in;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < in; ++i) sum += row[i] * f[i];
+        }
+        h[r * rank + j] = sum * keep[r * rank + j];
+      }
+    }
+  });
+  return linear_impl(x, packed, h, lora_bt.data_ptr<float>(), rank);
 }
 
 // x (tokens, hidden) bf16; top_k_index (tokens, k) int64; top_k_weights (tokens, k) float32;
@@ -168,6 +218,8 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& top_k_i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "weight (..., out, in) -> brgemm's packed layout");
   m.def("linear", &linear, "x @ W.T on a packed W", py::call_guard<py::gil_scoped_release>());
+  m.def("lora_linear", &lora_linear, "x @ W.T on a packed W plus stacked LoRA factors, each row its own adapter",
+        py::call_guard<py::gil_scoped_release>());
   m.def("fused_experts", &fused_experts, "every expert of one MoE layer in one call",
         py::call_guard<py::gil_scoped_release>());
 }
