@@ -63,7 +63,7 @@ class MixedLoraLinear(nn.Module):
         a = self.lora_a.new_zeros(rank, self.base.in_features) if a is None else a.to(self.lora_a)
         b = self.lora_b_t.new_zeros(self.base.out_features, rank) if b is None else b.to(self.lora_b_t)
         self.lora_a = torch.cat([self.lora_a, a])
-        self.lora_b_t = torch.cat([self.lora_b_t, b.T]).contiguous()
+        self.lora_b_t = torch.cat([self.lora_b_t, b.T])  # a new, contiguous tensor, as the kernel needs
 
 
 class MixedAdapters:
