@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)" 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import strata, torch, ray, mlflow, transformers, peft, bitsandbytes"
-	$(PY) -c "from strata.models.amx_bf16 import build_where_used; print(build_where_used())"
+	$(PY) -c "from strata.models.brgemm_bf16 import build_where_used; print(build_where_used())"
 	touch $(STAMP)
 
 demo: $(STAMP)

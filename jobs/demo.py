@@ -108,7 +108,7 @@ def main() -> int:
     deployed = strata_cli(
         ["deploy", "--model", model_name, "--split", "stable=90,fast=10", "--num-cpus", "0.5", "--port", str(port)]
         + ["--share-base"]  # fast is an adapter of stable: one replica, the base loaded once, bf16 where the CPU has it
-        + ["--torch-threads", "2"]  # one engine loop decoding on both cores (a layer is one call on the AMX kernels)
+        + ["--torch-threads", "2"]  # one engine loop decoding on both cores (a layer is one call on the brgemm kernels)
         + ["--requests-per-minute", "6000", "--burst", str(SERVE_REQUESTS)]  # one key sends all the demo's traffic
     )
     if deployed != 0:

@@ -1,4 +1,4 @@
-"""The bf16 AMX kernels: the same outputs as torch's linear and transformers' experts, refused where they cannot run."""
+"""The bf16 brgemm kernels: the outputs of torch's linear and transformers' experts, refused where they cannot run."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from strata.models.amx_bf16 import (
+from strata.models.brgemm_bf16 import (
     IMPLEMENTATION,
-    AmxLinear,
-    AmxTopKRouter,
-    amx_unavailable,
+    BrgemmLinear,
+    BrgemmTopKRouter,
+    brgemm_unavailable,
+    cpu_instructions,
     kernel,
-    use_amx_bf16,
+    use_brgemm_bf16,
 )
 from strata.models.presets import build_model
 
-amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="the kernels need a CPU with AMX")
+brgemm = pytest.mark.skipif(cpu_instructions() is None, reason="the kernels need a CPU with AMX or AVX512-BF16")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def reference(x, ids, weights, gate_up, down) -> torch.Tensor:
     return out
 
 
-@amx
+@brgemm
 def test_every_routing_gives_the_per_expert_result():
     """Rows of one expert beyond one 32-row block, experts with no rows, one token: all as the plain loop computes."""
     generator = torch.Generator().manual_seed(0)
@@ -60,21 +61,21 @@ def test_every_routing_gives_the_per_expert_result():
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-@amx
+@brgemm
 def test_a_packed_linear_gives_torchs_result_for_any_row_count():
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(96, 64, bias=False).bfloat16()
-    packed = AmxLinear(linear)
+    packed = BrgemmLinear(linear)
     for shape in [(1, 96), (3, 5, 96), (70, 96)]:  # one row, leading dims, more than one 32-row block
         x = torch.randn(shape, generator=generator).bfloat16()
         torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=2e-2, rtol=2e-2)
 
 
-@amx
+@brgemm
 def test_stacked_lora_on_a_packed_linear_gives_each_row_its_own_adapter():
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(96, 64, bias=False).bfloat16()
-    packed = AmxLinear(linear)
+    packed = BrgemmLinear(linear)
     lora_a = torch.randn(8, 96, generator=generator) * 0.1  # two adapters of rank 4, stacked
     lora_b_t = torch.randn(8, 64, generator=generator) * 0.1
     for batch, seq in [(1, 1), (3, 5), (70, 1)]:  # one row, prefill's leading dims, more than one 32-row block
@@ -90,15 +91,15 @@ def test_stacked_lora_on_a_packed_linear_gives_each_row_its_own_adapter():
         torch.testing.assert_close(got[base_rows], packed(x)[base_rows], atol=0, rtol=0)
 
 
-@amx
+@brgemm
 def test_a_bf16_model_on_the_kernels_gives_transformers_logits(tiny_moe):
     plain = copy.deepcopy(tiny_moe).bfloat16()
     fast = copy.deepcopy(plain)
-    reason, layers = use_amx_bf16(fast)
+    reason, layers = use_brgemm_bf16(fast)
     assert reason is None and fast.config._experts_implementation == IMPLEMENTATION
     # q, k, v, o, the router and the experts of each of the 2 layers, and the output head
-    assert layers == 6 * 2 + 1 and isinstance(fast.lm_head, AmxLinear)
-    assert isinstance(fast.model.layers[0].mlp.gate, AmxTopKRouter)
+    assert layers == 6 * 2 + 1 and isinstance(fast.lm_head, BrgemmLinear)
+    assert isinstance(fast.model.layers[0].mlp.gate, BrgemmTopKRouter)
     assert not any("experts.gate_up_proj" in name for name, _ in fast.named_parameters())  # packed in its place
     ids = torch.randint(3, 512, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -108,13 +109,13 @@ def test_a_bf16_model_on_the_kernels_gives_transformers_logits(tiny_moe):
 
 
 def test_the_kernels_are_refused_where_they_cannot_run(tiny_moe):
-    if not torch.cpu._is_amx_tile_supported():
-        assert amx_unavailable(copy.deepcopy(tiny_moe).bfloat16()) == "they need a CPU with AMX"
+    if cpu_instructions() is None:
+        assert brgemm_unavailable(copy.deepcopy(tiny_moe).bfloat16()) == "they need a CPU with AMX or AVX512-BF16"
         return
-    assert amx_unavailable(tiny_moe) == "the model is float32, not bfloat16"
+    assert brgemm_unavailable(tiny_moe) == "the model is float32, not bfloat16"
     adapted = get_peft_model(
         copy.deepcopy(tiny_moe).bfloat16(), LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"])
     )
-    assert amx_unavailable(adapted) == "the model carries peft adapters (merge them first)"
+    assert brgemm_unavailable(adapted) == "the model carries peft adapters (merge them first)"
     odd = build_model("tiny", 512, {}, overrides={"moe_intermediate_size": 100}).bfloat16()
-    assert "not a multiple of 32" in amx_unavailable(odd)
+    assert "not a multiple of 32" in brgemm_unavailable(odd)

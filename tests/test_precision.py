@@ -9,6 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from strata.config import ServeConfig, VariantConfig
+from strata.models.brgemm_bf16 import cpu_instructions
 from strata.serve.precision import cpu_bf16_reason, resolve_precision
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42], [100, 7, 300, 12, 90, 91], [17, 18]]
@@ -54,8 +55,8 @@ def test_bf16_and_int8_replicas_agree_with_fp32_on_most_greedy_tokens(tiny_base)
         engine = {"dtype": dtype, "quantization": quantization}
         model, _, info = load_for_serving(VariantConfig(name="stable", model=str(tiny_base), engine=engine))
         assert (info["dtype"], info["quantization"]) == (dtype, quantization)
-        amx = dtype == "bfloat16" and quantization == "none" and torch.cpu._is_amx_tile_supported()
-        assert info["kernels"].startswith("AMX brgemm") == amx, info["kernels"]
+        brgemm = dtype == "bfloat16" and quantization == "none" and cpu_instructions() is not None
+        assert info["kernels"].startswith("brgemm on") == brgemm, info["kernels"]
         return model
 
     fp32 = load("float32")

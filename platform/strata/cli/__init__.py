@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="engine loops per replica over one copy of the weights (on torch's CPU kernels, one per core decodes "
-        "faster than one loop; on the bf16 AMX kernels one loop does)",
+        "faster than one loop; on the bf16 brgemm kernels one loop does)",
     )
     dep.add_argument(
         "--torch-threads",

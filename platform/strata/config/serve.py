@@ -48,8 +48,8 @@ class EngineSettings(StrictModel):
         1,
         gt=0,
         description="Engine loops per replica over one copy of the weights, each with its share of max_batch_size "
-        "and of the KV cache budget and its own torch_threads. On torch's CPU kernels (fp32, bf16 without AMX) one "
-        "loop per core decodes faster than one loop on all of them; on the bf16 AMX kernels, where a layer is one "
+        "and of the KV cache budget and its own torch_threads. On torch's CPU kernels (fp32, bf16 without brgemm) one "
+        "loop per core decodes faster than one loop on all of them; on the bf16 brgemm kernels, where a layer is one "
         "call, one loop on all cores does (strata.serve.engine_loops). A GPU replica runs one.",
     )
     torch_threads: int | None = Field(None, gt=0, description="Per loop. Default: the replica's CPUs / loops.")

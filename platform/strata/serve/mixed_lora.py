@@ -5,7 +5,7 @@ A wrapped layer computes  y = W x + B_cat (m * (A_cat x)):  A_cat stacks every a
 B times its scaling, and m is, per row, 1 on the columns of that row's adapter and 0 elsewhere (all 0 for the base).
 That is four kernels a layer however many adapters there are, where peft's mixed batch gathers, multiplies and
 scatters each adapter's rows and builds their indices in Python, layer by layer (on the `small` preset with two
-adapters, in-process, ~1.5x peft's tokens/s). On the AMX kernels it is one call a layer (`AmxLinear.with_lora`):
+adapters, in-process, ~1.5x peft's tokens/s). On the brgemm kernels it is one call a layer (`BrgemmLinear.with_lora`):
 the low-rank part is added to the base's fp32 tiles before they are rounded, and a row skips other adapters'
 columns. A decode step of 32 rows on `small` in bf16 then takes ~24 ms against a merged model's ~23 (the four
 kernels: ~32 ms, their dtype conversions and per-call costs). The factors stay in fp32, as peft keeps them.
@@ -32,7 +32,7 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
-from strata.models.amx_bf16 import AmxLinear
+from strata.models.brgemm_bf16 import BrgemmLinear
 
 BASE_ADAPTER = "__base__"  # the name of a row that takes no adapter
 PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.weight"  # peft's saved keys
@@ -41,7 +41,7 @@ PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.wei
 class MixedLoraLinear(nn.Module):
     """A base linear layer plus every adapter's factors, applied to each row as the calling thread's mask says."""
 
-    def __init__(self, base: nn.Linear | AmxLinear, adapters: MixedAdapters):
+    def __init__(self, base: nn.Linear | BrgemmLinear, adapters: MixedAdapters):
         super().__init__()
         self.base = base
         self.mask = adapters.mask  # the calling thread's row mask
@@ -53,7 +53,7 @@ class MixedLoraLinear(nn.Module):
         mask = self.mask()  # (rows, 1, total rank), or None: base only
         if mask is None or not self.lora_a.numel():
             return self.base(x)
-        if isinstance(self.base, AmxLinear):  # one call: the low-rank part added to the base's fp32 tiles
+        if isinstance(self.base, BrgemmLinear):  # one call: the low-rank part added to the base's fp32 tiles
             return self.base.with_lora(x, self.lora_a, self.lora_b_t, mask)
         out = self.base(x)
         return out + (F.linear(x.float(), self.lora_a) * mask).matmul(self.lora_b_t).to(out.dtype)
@@ -98,7 +98,7 @@ class MixedAdapters:
     def _wrap(self, name: str, path: str) -> None:
         parent, _, child = path.rpartition(".")
         module = self.model.get_submodule(path)
-        if not isinstance(module, nn.Linear | AmxLinear):
+        if not isinstance(module, nn.Linear | BrgemmLinear):
             raise ValueError(f"variant {name!r}: its adapter adapts {path}, a {type(module).__name__}, not a linear")
         layer = MixedLoraLinear(module, self)
         layer.append(None, None, self.width())  # the adapters loaded before, which do not adapt this layer

@@ -98,7 +98,7 @@ def to_serving_precision(model: nn.Module, variant: VariantConfig, device: torch
     precision = resolve_precision(variant.engine.dtype, device)
     model = model.to(device=device, dtype=precision.dtype).eval()
     layers = quantize_for_serving(model, variant.engine.quantization, precision.dtype)
-    kernels = amx_kernels(model) if variant.engine.quantization == "none" else "torch's (quantised weights)"
+    kernels = brgemm_kernels(model) if variant.engine.quantization == "none" else "torch's (quantised weights)"
     dtype = str(precision.dtype).removeprefix("torch.")
     logger.info(
         "variant %s computes in %s (%s); quantization %s (%d layers); kernels: %s",
@@ -112,12 +112,15 @@ def to_serving_precision(model: nn.Module, variant: VariantConfig, device: torch
     }
 
 
-def amx_kernels(model: nn.Module) -> str:
-    """A bf16 model on a CPU with AMX runs on Strata's prepacked brgemm kernels; says which kernels it runs on."""
-    from strata.models.amx_bf16 import use_amx_bf16  # model code, as quantize_for_serving's: not for deploy time
+def brgemm_kernels(model: nn.Module) -> str:
+    """A bf16 model on a CPU with AMX or AVX512-BF16 runs on Strata's prepacked brgemm kernels; says which kernels it
+    runs on."""
+    from strata.models.brgemm_bf16 import cpu_instructions, use_brgemm_bf16  # model code: not for deploy time
 
-    reason, layers = use_amx_bf16(model)
-    return f"AMX brgemm ({layers} layers prepacked)" if reason is None else f"torch's (AMX brgemm not used: {reason})"
+    reason, layers = use_brgemm_bf16(model)
+    if reason:
+        return f"torch's (brgemm not used: {reason})"
+    return f"brgemm on {cpu_instructions()} ({layers} layers prepacked)"
 
 
 def nf4_unavailable() -> str | None:

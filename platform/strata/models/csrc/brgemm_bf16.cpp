@@ -1,7 +1,8 @@
-// bf16 matmuls for CPU decoding on AMX, on oneDNN's brgemm micro-kernel (torch's at::native::cpublas) with weights
-// packed once at load: a linear layer, and one call per MoE layer for every expert's gate_up, SiLU-and-mul and down.
+// bf16 matmuls for CPU decoding on AMX or AVX512-BF16, on oneDNN's brgemm micro-kernel (torch's at::native::cpublas),
+// weights packed once at load: a linear layer, and one call per MoE layer for every expert's gate_up, SiLU-and-mul and
+// down.
 //
-// Why: at decode aten::mm in bf16 pays a fixed ~45-90 us a call on this CPU (more than fp32's), whatever the rows;
+// Why: at decode aten::mm in bf16 pays a fixed ~45-100 us a call on these CPUs (more than fp32's), whatever the rows;
 // a batch of 32 tokens sends most experts 1-8 rows, three calls an expert plus the Python between them. brgemm on
 // prepacked weights has no per-call set-up to speak of, and every function here releases the GIL.
 #include <torch/extension.h>
