@@ -411,11 +411,9 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], bytes]:
 
 def on_passing_thread(work: Callable[[], T]) -> T:
     """Run `work` (loading weights, adding an adapter) on a thread that ends with it, and its OpenMP threads too.
-
-    libgomp spins only briefly before sleeping once a process holds more OpenMP threads than CPUs. An OpenMP team
-    left behind by the thread that loaded the model made each engine loop's own team sleep and wake at every
-    parallel region: on 2 cores, a bf16 decode step of 32 rows on 2 threads took ~1.5x as long (in-process, the
-    `small` preset: ~560 tokens/s against ~850 with the loading thread gone)."""
+    libgomp spins only briefly before sleeping once a process holds more OpenMP threads than CPUs: a team left on
+    the loading thread made each engine loop's team sleep and wake at every parallel region (2 cores, `small` in
+    bf16, 32 rows on 2 threads, in-process: ~560 tokens/s against ~850 with the loading thread gone)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="strata-load") as pool:
         return pool.submit(work).result()
 
