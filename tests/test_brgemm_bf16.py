@@ -13,10 +13,10 @@ from strata.models.brgemm_bf16 import (
     BrgemmLinear,
     BrgemmTopKRouter,
     brgemm_unavailable,
-    cpu_instructions,
     kernel,
     use_brgemm_bf16,
 )
+from strata.models.cpu_features import cpu_instructions
 from strata.models.presets import build_model
 
 brgemm = pytest.mark.skipif(cpu_instructions() is None, reason="the kernels need a CPU with AMX or AVX512-BF16")

@@ -9,14 +9,14 @@ import torch
 from pydantic import ValidationError
 
 from strata.config import ServeConfig, VariantConfig
-from strata.models.brgemm_bf16 import cpu_instructions
-from strata.serve.precision import cpu_bf16_reason, resolve_precision
+from strata.models.cpu_features import cpu_instructions
+from strata.serve.precision import resolve_precision
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42], [100, 7, 300, 12, 90, 91], [17, 18]]
 
 
 def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_with_native_bf16():
-    native = cpu_bf16_reason()
+    native = cpu_instructions()
     auto = resolve_precision("auto", torch.device("cpu"))
     assert auto.dtype == (torch.bfloat16 if native else torch.float32)
     assert (native or "lacks") in auto.reason

@@ -1,19 +1,20 @@
 """bf16 CPU inference on oneDNN's brgemm micro-kernel: linear layers and MoE experts, weights prepacked.
 
 brgemm runs on AMX (Sapphire Rapids and later) and on AVX512-BF16 (Cooper Lake, AMD Zen 4 and later). At decode, on
-those CPUs, a bf16 aten::mm costs a fixed ~45-90 us a call whatever the rows, more than fp32's: a batch
-of 32 tokens sends most of a layer's experts 1-8 rows, and transformers' experts loop runs three such calls an
-expert plus the gathers and adds between them. So bf16 decoded no faster than fp32. `csrc/brgemm_bf16.cpp` packs each
-weight once for torch's brgemm (the micro-kernel inductor and sglang's CPU kernels use) and runs
+those CPUs, a bf16 aten::mm costs a fixed ~45-100 us a call whatever the rows, more than fp32's: a batch of 32 tokens
+sends most of a layer's experts 1-8 rows, and transformers' experts loop runs three such calls an expert plus the
+gathers and adds between them. So bf16 decoded little or no faster than fp32 (on `small`, one thread, 32 rows, on an
+AVX512-BF16 EPYC: a decode step ~50 ms in bf16 on torch's kernels, ~60 in fp32, ~20 on these). `csrc/brgemm_bf16.cpp`
+packs each weight once for torch's brgemm (the micro-kernel inductor and sglang's CPU kernels use) and runs
   - a linear layer as one call (`BrgemmLinear`; Qwen3-MoE's router too, `BrgemmTopKRouter`);
   - a whole MoE layer as one call: rows sorted by expert, gate_up, SiLU-and-mul and down for every expert, each
     token's top-k outputs summed in fp32 (registered as transformers' experts implementation `strata_brgemm_bf16`);
 both with the GIL released.
 
 The extension is built on first use (torch's cpp_extension, cached under TORCH_EXTENSIONS_DIR; `make setup` builds
-it) and used only where it applies: inference, a CPU with AMX or AVX512-BF16, bf16 weights without
-LoRA on them. Anywhere else, or
-if the build fails, the model stays on torch's and transformers' own kernels and the reason is returned.
+it) and used only where it applies: inference, a CPU with AMX or AVX512-BF16, bf16 weights without LoRA on them.
+Anywhere else, or if the build fails, the model stays on torch's and transformers' own kernels and the reason is
+returned.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
+from strata.models.cpu_features import cpu_instructions
 from strata.models.quantized_experts import EXPERT_PARAMS, fused_experts_modules
 
 IMPLEMENTATION = "strata_brgemm_bf16"
@@ -64,24 +66,14 @@ def kernel() -> ModuleType:
     return load(name=name, sources=[str(copy)], extra_cflags=CFLAGS, build_directory=str(directory), verbose=False)
 
 
-def cpu_instructions() -> str | None:
-    """The bf16 instructions brgemm uses on this CPU, or None where it has neither (bf16 stays on torch's kernels).
-    Measured on the `small` preset, one thread, 32 rows: on AVX512-BF16 (AMD EPYC) a decode step took ~20 ms against
-    torch's ~50 in bf16 and ~60 in fp32."""
-    if torch.cpu._is_amx_tile_supported():
-        return "AMX"
-    if torch.cpu._is_avx512_bf16_supported():
-        return "AVX512-BF16"
-    return None
-
-
 def build_where_used() -> str:
     """Build the kernels ahead of the first replica (`make setup`) on a CPU that would use them."""
-    if cpu_instructions() is None:
+    instructions = cpu_instructions()
+    if instructions is None:
         return "bf16 brgemm kernels: not built (this CPU has neither AMX nor AVX512-BF16; bf16 serves on torch's own)"
     started = time.perf_counter()
     kernel()
-    return f"bf16 brgemm kernels: ready for {cpu_instructions()} ({time.perf_counter() - started:.0f} s)"
+    return f"bf16 brgemm kernels: ready for {instructions} ({time.perf_counter() - started:.0f} s)"
 
 
 class BrgemmLinear(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from strata.config import ServeConfig, VariantConfig
+from strata.models.cpu_features import cpu_instructions
 
 logger = logging.getLogger("ray.serve")  # a replica's own log file
 
@@ -25,25 +26,15 @@ class Precision:
     reason: str  # why this dtype, for the log and the replica's info
 
 
-def cpu_bf16_reason() -> str | None:
-    """Why this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), or None: without them oneDNN emulates bf16,
-    slower than fp32."""
-    if torch.cpu._is_amx_tile_supported():
-        return "the CPU has AMX"
-    if torch.cpu._is_avx512_bf16_supported():
-        return "the CPU has AVX512-BF16"
-    return None
-
-
 def resolve_precision(setting: str, device: torch.device) -> Precision:
     """`auto`: bf16 on a GPU and on a CPU with native bf16, else fp32. An explicit dtype is taken as it is."""
     if setting != "auto":
         return Precision(getattr(torch, setting), f"dtype: {setting} in the variant's engine settings")
     if device.type == "cuda":
         return Precision(torch.bfloat16, "auto: bf16 on a GPU")
-    reason = cpu_bf16_reason()
-    if reason:
-        return Precision(torch.bfloat16, f"auto: {reason}")
+    instructions = cpu_instructions()
+    if instructions:
+        return Precision(torch.bfloat16, f"auto: the CPU has {instructions}")
     return Precision(torch.float32, "auto: the CPU lacks AVX512-BF16 and AMX (bf16 would be emulated)")
 
 
@@ -115,7 +106,7 @@ def to_serving_precision(model: nn.Module, variant: VariantConfig, device: torch
 def brgemm_kernels(model: nn.Module) -> str:
     """A bf16 model on a CPU with AMX or AVX512-BF16 runs on Strata's prepacked brgemm kernels; says which kernels it
     runs on."""
-    from strata.models.brgemm_bf16 import cpu_instructions, use_brgemm_bf16  # model code: not for deploy time
+    from strata.models.brgemm_bf16 import use_brgemm_bf16  # model code, as quantize_for_serving's: not for deploy time
 
     reason, layers = use_brgemm_bf16(model)
     if reason:
