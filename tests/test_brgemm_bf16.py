@@ -78,16 +78,17 @@ def test_stacked_lora_on_a_packed_linear_gives_each_row_its_own_adapter():
     packed = BrgemmLinear(linear)
     lora_a = torch.randn(8, 96, generator=generator) * 0.1  # two adapters of rank 4, stacked
     lora_b_t = torch.randn(8, 64, generator=generator) * 0.1
-    for batch, seq in [(1, 1), (3, 5), (70, 1)]:  # one row, prefill's leading dims, more than one 32-row block
+    lora = packed.pack_lora(lora_a, lora_b_t)
+    for batch, seq in [(1, 1), (3, 5), (70, 1), (2, 40)]:  # one row, prefill's, more than one 32-row block
         x = torch.randn(batch, seq, 96, generator=generator).bfloat16()
-        mask = torch.zeros(batch, 1, 8)
-        mask[0::3, :, :4] = 1  # the first adapter's rows; every third row from 2 takes none (the base)
-        mask[1::3, :, 4:] = 1
-        want = linear(x).float() + ((x.float() @ lora_a.T) * mask) @ lora_b_t
-        got = packed.with_lora(x, lora_a, lora_b_t, mask)
+        mask = torch.zeros(batch, 8)
+        mask[0::3, :4] = 1  # the first adapter's sequences; every third from 2 takes none (the base)
+        mask[1::3, 4:] = 1
+        want = linear(x).float() + ((x.float() @ lora_a.T) * mask[:, None]) @ lora_b_t
+        got = packed.with_lora(x, lora, mask)
         assert got.shape == (batch, seq, 64)
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
-        base_rows = mask[:, 0, :].sum(1) == 0
+        base_rows = mask.sum(1) == 0
         torch.testing.assert_close(got[base_rows], packed(x)[base_rows], atol=0, rtol=0)
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.config import EngineSettings, ServeConfig, VariantConfig
 from strata.models.adapters import merged_model
+from strata.models.cpu_features import cpu_instructions
 from strata.serve.engine import Engine, SamplingParams
 from strata.serve.engine_loops import EngineLoops
 from strata.serve.shared_base import SharedBase
@@ -70,6 +71,27 @@ def test_rows_of_different_adapters_in_one_batch_decode_as_their_merged_models(t
             engine.step()
     for prompt, variant, collector in submitted:
         assert collector.text == merged_references[(prompt, variant)], (prompt, variant)
+
+
+@pytest.mark.skipif(cpu_instructions() is None, reason="the kernels need a CPU with AMX or AVX512-BF16")
+def test_on_the_bf16_kernels_each_row_of_a_mixed_batch_takes_its_own_adapter(tiny_base, adapters):
+    """bf16 on the brgemm kernels (the low-rank matmuls in bf16 too): one batch of the same prompt for `a`, the base
+    and `b`, each row's logits against every variant's merged fp32 model's: nearest its own, and mostly its argmax."""
+    bf16 = EngineSettings(dtype="bfloat16")
+    shared = SharedBase([v.model_copy(update={"engine": bf16}) for v in group(tiny_base, adapters)])
+    assert shared.info["a"]["kernels"].startswith("brgemm"), shared.info["a"]
+    ids = shared.tokenizer(PROMPTS[2], return_tensors="pt", add_special_tokens=False).input_ids
+    names = ["a", "base", "b"]
+    models = {name: merged_model(str(tiny_base), "lora", str(adapters[name])).eval() for name in ("a", "b")}
+    models["base"] = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    with torch.inference_mode():
+        want = {name: model(ids).logits[0].float() for name, model in models.items()}
+        with shared.adapters.rows([shared.adapter_of[name] for name in names]):
+            got = shared.model(ids.repeat(len(names), 1)).logits.float()
+    for row, name in enumerate(names):
+        distance = {other: (got[row] - want[other]).abs().mean().item() for other in names}
+        assert min(distance, key=distance.get) == name, (name, distance)
+        assert (got[row].argmax(-1) == want[name].argmax(-1)).float().mean() > 0.9, name
 
 
 def test_two_engine_loops_on_one_base_decode_concurrent_mixed_traffic_as_the_merged_models(

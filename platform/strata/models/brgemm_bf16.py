@@ -88,14 +88,19 @@ class BrgemmLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()
         return kernel().linear(rows, self.packed_weight).view(*x.shape[:-1], self.out_features)
 
-    def with_lora(
-        self, x: torch.Tensor, lora_a: torch.Tensor, lora_b_t: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """x @ W.T + ((x @ lora_a.T) * mask) @ lora_b_t in one call, the low-rank part in fp32: stacked adapters'
-        factors (`serve/mixed_lora.py`), `mask` broadcasting to x's rows with a column per factor."""
+    def pack_lora(self, lora_a: torch.Tensor, lora_b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked LoRA factors, A (rank, in) and B transposed (rank, out), in bf16 and packed for `with_lora`, the
+        rank padded with zeros to the kernels' column block."""
+        pad = -lora_a.shape[0] % BLOCK
+        a = F.pad(lora_a, (0, 0, 0, pad)).bfloat16()
+        b = F.pad(lora_b_t.T, (0, pad)).bfloat16()  # (out, padded rank): packed as a weight of `rank` inputs
+        return kernel().pack_weight(a), kernel().pack_weight(b.contiguous())
+
+    def with_lora(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + ((x @ A.T) * mask) @ B.T in one call, every matmul on brgemm: stacked adapters' factors
+        (`pack_lora`, `serve/mixed_lora.py`), `mask` (x.shape[0], rank) keeping each sequence's adapter's columns."""
         rows = x.reshape(-1, self.in_features).contiguous()
-        mask = mask.expand(*x.shape[:-1], mask.shape[-1]).reshape(rows.shape[0], -1).contiguous()
-        out = kernel().lora_linear(rows, self.packed_weight, lora_a, lora_b_t, mask)
+        out = kernel().lora_linear(rows, self.packed_weight, *lora, mask)
         return out.view(*x.shape[:-1], self.out_features)
 
 

@@ -40,10 +40,10 @@ torch::Tensor pack_weight(const torch::Tensor& weight) {
   return w.view(shape);
 }
 
-// x (rows, in) bf16 @ W.T, W packed from (out, in): (rows, out) bf16, in blocks of 32 rows x 32 columns. With
-// `low` (rows, rank) fp32, each row's low-rank activations, it adds low @ lora_bt (rank, out) fp32 to the fp32 tile
-// before rounding: LoRA stacked beside the base layer at no extra pass over the output.
-torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, const float* low, const float* lora_bt,
+// x (rows, in) bf16 @ W.T, W packed from (out, in): (rows, out) bf16, in blocks of 32 rows x 32 columns. With `low`
+// (rows, rank) bf16, each row's low-rank activations, and `lora_b` packed from B (out, rank), it adds low @ B.T to
+// the fp32 tile before rounding: LoRA stacked beside the base layer at no extra pass over the output.
+torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, const bf16* low, const bf16* lora_b,
                           int64_t rank) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous 2-D bf16");
   const int64_t rows = x.size(0), in = x.size(1), column_blocks = packed.size(0);
@@ -60,15 +60,11 @@ torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& packed, c
       const int64_t m0 = mb * BLOCK_M, m = std::min(BLOCK_M, rows - m0);
       at::native::cpublas::brgemm(m, BLOCK_N, in, in, BLOCK_N, BLOCK_N, false, a + m0 * in, w + nb * in * BLOCK_N,
                                   tile);
+      if (low != nullptr)
+        at::native::cpublas::brgemm(m, BLOCK_N, rank, rank, BLOCK_N, BLOCK_N, true, low + m0 * rank,
+                                    lora_b + nb * rank * BLOCK_N, tile);
       for (int64_t r = 0; r < m; ++r) {
-        float* t = tile + r * BLOCK_N;
-        for (int64_t j = 0; low != nullptr && j < rank; ++j) {
-          const float h = low[(m0 + r) * rank + j];
-          if (h == 0.0f) continue;  // a column of another row's adapter
-          const float* b = lora_bt + j * out + nb * BLOCK_N;
-#pragma omp simd
-          for (int64_t n = 0; n < BLOCK_N; ++n) t[n] += h * b[n];
-        }
+        const float* t = tile + r * BLOCK_N;
         bf16* dst = c + (m0 + r) * out + nb * BLOCK_N;
 #pragma omp simd
         for (int64_t n = 0; n < BLOCK_N; ++n) dst[n] = bf16(t[n]);
@@ -83,39 +79,42 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed) {
   return linear_impl(x, packed, nullptr, nullptr, 0);
 }
 
-// x @ W.T + ((x @ lora_a.T) * mask) @ lora_bt, the low-rank part in fp32: lora_a (rank, in) and lora_bt (rank, out)
-// stack every adapter's factors, mask (rows, rank) keeps each row's adapter's columns. Masked-out columns are
-// skipped, so a row costs only its own adapter's rank.
+// x @ W.T + ((x @ A.T) * mask) @ B.T, both low-rank matmuls on brgemm too: A (rank, in) and B (out, rank) stack
+// every adapter's factors, packed with the rank padded to a column block; mask (sequences, rank) fp32 keeps each
+// sequence's adapter's columns, for the rows / sequences consecutive rows of x that are its tokens.
 torch::Tensor lora_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& lora_a,
-                          const torch::Tensor& lora_bt, const torch::Tensor& mask) {
+                          const torch::Tensor& lora_b, const torch::Tensor& mask) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous 2-D bf16");
-  const int64_t rows = x.size(0), in = x.size(1), rank = lora_a.size(0);
-  for (const auto* t : {&lora_a, &lora_bt, &mask})
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == torch::kFloat && t->is_contiguous(), "LoRA: contiguous fp32");
-  TORCH_CHECK(lora_a.size(1) == in && lora_bt.size(0) == rank && lora_bt.size(1) == packed.size(0) * BLOCK_N &&
-                  mask.size(0) == rows && mask.size(1) == rank,
-              "the LoRA factors or the mask do not match x and the packed weight");
-  auto low = at::empty({rows, rank}, lora_a.options());
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kFloat && mask.is_contiguous(), "mask: contiguous fp32");
+  const int64_t rows = x.size(0), in = x.size(1), rank = mask.size(1), sequences = mask.size(0);
+  const int64_t rank_blocks = lora_a.size(0), padded = rank_blocks * BLOCK_N;
+  TORCH_CHECK(lora_a.dim() == 4 && lora_a.size(1) * 2 == in && padded >= rank && lora_b.dim() == 4 &&
+                  lora_b.size(0) == packed.size(0) && lora_b.size(1) * 2 == padded,
+              "the packed LoRA factors or the mask do not match x and the packed weight");
+  TORCH_CHECK(sequences > 0 && rows % sequences == 0, "the mask needs one row per sequence of x");
+  const int64_t tokens = rows / sequences, row_blocks = (rows + BLOCK_M - 1) / BLOCK_M;
+  auto low = at::empty({rows, padded}, x.options());
   const bf16* input = x.data_ptr<bf16>();
-  const float* factors = lora_a.data_ptr<float>();
+  const bf16* factors = lora_a.data_ptr<bf16>();
   const float* keep = mask.data_ptr<float>();
-  float* h = low.data_ptr<float>();
-  at::parallel_for(0, rows, 0, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(in);
-    for (int64_t r = begin; r < end; ++r) {
-      std::copy_n(input + r * in, in, row.begin());  // bf16 -> fp32 once, for every column of the row
-      for (int64_t j = 0; j < rank; ++j) {
-        float sum = 0.0f;
-        if (keep[r * rank + j] != 0.0f) {
-          const float* f = factors + j * in;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < in; ++i) sum += row[i] * f[i];
-        }
-        h[r * rank + j] = sum * keep[r * rank + j];
+  bf16* h = low.data_ptr<bf16>();
+  // A decode step's one block runs inline: a parallel region would cost more than it.
+  at::parallel_for(0, row_blocks * rank_blocks, 2, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[BLOCK_M * BLOCK_N];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t mb = item / rank_blocks, rb = item % rank_blocks;
+      const int64_t m0 = mb * BLOCK_M, m = std::min(BLOCK_M, rows - m0);
+      at::native::cpublas::brgemm(m, BLOCK_N, in, in, BLOCK_N, BLOCK_N, false, input + m0 * in,
+                                  factors + rb * in * BLOCK_N, tile);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* kept = keep + ((m0 + r) / tokens) * rank;
+        for (int64_t n = 0, j = rb * BLOCK_N; n < BLOCK_N; ++n, ++j)
+          h[(m0 + r) * padded + j] = bf16(j < rank ? tile[r * BLOCK_N + n] * kept[j] : 0.0f);
       }
     }
+    at::native::cpublas::brgemm_release();
   });
-  return linear_impl(x, packed, h, lora_bt.data_ptr<float>(), rank);
+  return linear_impl(x, packed, h, lora_b.data_ptr<bf16>(), padded);
 }
 
 // x (tokens, hidden) bf16; top_k_index (tokens, k) int64; top_k_weights (tokens, k) float32;
@@ -219,7 +218,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& top_k_i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "weight (..., out, in) -> brgemm's packed layout");
   m.def("linear", &linear, "x @ W.T on a packed W", py::call_guard<py::gil_scoped_release>());
-  m.def("lora_linear", &lora_linear, "x @ W.T on a packed W plus stacked LoRA factors, each row its own adapter",
+  m.def("lora_linear", &lora_linear, "x @ W.T on a packed W plus packed LoRA factors, each sequence its own adapter",
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_experts", &fused_experts, "every expert of one MoE layer in one call",
         py::call_guard<py::gil_scoped_release>());
