@@ -22,8 +22,9 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,9 +37,10 @@ from transformers import AutoModelForCausalLM
 from strata.config import DataConfig, EngineSettings, VariantConfig
 from strata.data.packing import load_packed
 from strata.data.prepare import prepare_data
+from strata.models.cpu_features import cpu_instructions
 from strata.serve.engine import Engine, Output, SamplingParams
 from strata.serve.loading import load_for_serving
-from strata.serve.precision import cpu_bf16_reason
+from strata.serve.model_server import on_passing_thread
 
 PRECISIONS = {  # name -> engine settings
     "fp32": {"dtype": "float32"},
@@ -48,6 +50,7 @@ PRECISIONS = {  # name -> engine settings
 }
 CLIENTS = 32
 THREADS = 2
+T = TypeVar("T")
 TARGETS = {  # (precision, metric, relation, bound vs fp32)
     "bf16_tokens_per_s": ("bf16", "engine_tokens_per_s", ">=", 1.5),
     "bf16_http_tokens_per_s": ("bf16", "http_tokens_per_s", ">=", 1.5),
@@ -125,18 +128,40 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     return same / sum(map(len, reference))
 
 
+def on_worker(work: Callable[[], T]) -> T:
+    """`work` on a thread of `THREADS` torch threads that ends with it, taking its OpenMP team along: the main thread
+    never holds one, and only one team lives at a time (an idle team makes the next one sleep and wake at every
+    parallel region on 2 cores, as `on_passing_thread` says)."""
+
+    def call() -> T:
+        torch.set_num_threads(THREADS)
+        return work()
+
+    return on_passing_thread(call)
+
+
+def on_engine(model, tokenizer, work: Callable[[Engine], T]) -> T:
+    """`work(engine)` on an engine of its own, its scheduler thread (and OpenMP team) gone when it returns."""
+    engine = Engine(model, tokenizer, CLIENTS, torch_threads=THREADS)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    try:
+        return work(engine)
+    finally:
+        engine.stop()
+        thread.join()
+
+
 def prepare(name: str, model_dir: Path, held_out: np.ndarray, prompts: list[str], args, fp32: dict | None) -> dict:
-    """One precision in-process: memory, eval and greedy agreement; its engine left running for the timed rounds."""
+    """One precision in-process: memory, eval and greedy agreement; its model kept for the timed rounds."""
     variant = VariantConfig(name=name, model=str(model_dir), engine={**PRECISIONS[name], "max_batch_size": CLIENTS})
     started = time.perf_counter()
-    model, tokenizer, info = load_for_serving(variant)
+    model, tokenizer, info = on_worker(lambda: load_for_serving(variant))
     result: dict[str, Any] = {"load_s": time.perf_counter() - started, "weight_bytes": weight_bytes(model), **info}
-    scores, result["top1"] = evaluate(model, held_out, fp32 and fp32["top1"])
-    result["engine"] = Engine(model, tokenizer, CLIENTS)
-    threading.Thread(target=result["engine"].run, daemon=True).start()
+    scores, result["top1"] = on_worker(lambda: evaluate(model, held_out, fp32 and fp32["top1"]))
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts[:CLIENTS]]
-    result["greedy"] = greedy_tokens(result["engine"], ids, args.max_tokens)
-    engine_clients(result["engine"], prompts[:CLIENTS], CLIENTS, 8)  # warm up
+    result["greedy"] = on_engine(model, tokenizer, lambda engine: greedy_tokens(engine, ids, args.max_tokens))
+    result["model"], result["tokenizer"] = model, tokenizer
     return result | scores | {"greedy_agreement": agreement(result["greedy"], fp32["greedy"]) if fp32 else 1.0}
 
 
@@ -224,12 +249,11 @@ def main() -> None:
         parser.error(f"--precisions start with fp32 and name some of {list(PRECISIONS)}; --http some of those")
 
     began, console = time.perf_counter(), Console()
-    torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_base(Path(tmp), "small", console)
+        model_dir = on_worker(lambda: build_base(Path(tmp), "small", console))
         data = DataConfig(data_dir=str(Path(tmp) / "data"), max_files=120, vocab_size=1024, seq_len=64)
         sequences = load_packed(prepare_data(data, Console(quiet=True)).packed_dir)
-        train(model_dir, sequences[: -args.held_out], args.train_steps, console)
+        on_worker(lambda: train(model_dir, sequences[: -args.held_out], args.train_steps, console))
         held_out = sequences[-args.held_out :]
         from transformers import AutoTokenizer
 
@@ -244,15 +268,18 @@ def main() -> None:
                 f"greedy agreement {r['greedy_agreement']:.1%}, top-1 agreement {r['top1_agreement']:.1%}"
             )
 
+        def timed_round(engine: Engine) -> dict:
+            engine_clients(engine, prompts[:CLIENTS], CLIENTS, 8)  # warm up
+            return engine_clients(engine, prompts, CLIENTS, args.max_tokens)
+
         def run(name: str) -> dict:
-            return engine_clients(results[name]["engine"], prompts, CLIENTS, args.max_tokens)
+            return on_engine(results[name]["model"], results[name]["tokenizer"], timed_round)
 
         with console.status(f"{CLIENTS} clients in-process, {args.repeats} rounds"):
             for name, level in best_of_rounds(run, names, args.repeats).items():
                 results[name] |= {f"engine_{k}": v for k, v in level.items()}
         for r in results.values():
-            r.pop("engine").stop()
-            del r["top1"], r["greedy"]
+            del r["model"], r["tokenizer"], r["top1"], r["greedy"]
         if http_names:
             with console.status(f"HTTP: {', '.join(http_names)}"):
                 http = http_throughput(model_dir, http_names, prompts, args, Path(tmp))
@@ -263,7 +290,7 @@ def main() -> None:
         "setup": {
             "model": "small preset (Qwen3-MoE), vocab 1024, trained briefly",
             "train_steps": args.train_steps,
-            "cpu_bf16": cpu_bf16_reason() or "none",
+            "cpu_bf16": cpu_instructions() or "none",
             "clients": CLIENTS,
             "max_tokens": args.max_tokens,
             "rounds": args.rounds,

@@ -6,7 +6,7 @@ Both applications run side by side on one local Ray, behind the real router and 
   (a) two replicas: each variant its own replica holding base + adapter merged (what Strata did before replica
       groups), `--threads`/2 torch threads each;
   (b) one shared replica (a replica group): the base once, both adapters beside it, every row decoded with its own
-      adapter (peft's mixed-adapter batches), `--threads` torch threads over its `--loops` engine loops.
+      adapter (`strata.serve.mixed_lora`), `--threads` torch threads over its `--loops` engine loops.
 
 and for reference
 
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side (split over (a)'s replicas)")
     parser.add_argument("--loops", type=int, default=1, help="engine loops of the shared replica (threads split)")
-    parser.add_argument("--repeats", type=int, default=6, help="turns each side takes")
+    parser.add_argument("--repeats", type=int, default=10, help="turns each side takes (the machine is noisy)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "shared_adapters.json", help="JSON file")
     args = parser.parse_args()
 
