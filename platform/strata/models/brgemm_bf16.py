@@ -29,7 +29,6 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PretrainedConfig, PreTrainedModel
@@ -160,13 +159,19 @@ def _packable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     ]
 
 
+def _carries_peft_layers(model: nn.Module) -> bool:
+    """Without importing peft (seconds at a replica's start): a model whose process never imported it has none."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and any(isinstance(m, tuners.BaseTunerLayer) for m in model.modules())
+
+
 def brgemm_unavailable(model: PreTrainedModel) -> str | None:
     """Why the brgemm kernels cannot run `model`, or None if they can."""
     if model.device.type != "cpu" or cpu_instructions() is None:
         return "they need a CPU with AMX or AVX512-BF16"
     if model.dtype != torch.bfloat16:
         return f"the model is {str(model.dtype).removeprefix('torch.')}, not bfloat16"
-    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    if _carries_peft_layers(model):
         return "the model carries peft adapters (merge them first)"
     for module in _experts_modules(model):
         if any(parametrize.is_parametrized(module, n) for n in EXPERT_PARAMS):

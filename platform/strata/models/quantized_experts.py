@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import bitsandbytes.functional as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +48,8 @@ class QuantizedExpertWeight(nn.Module):
             return
         if scheme != "nf4":
             raise ValueError(f"scheme must be 'nf4' or 'int8', not {scheme!r}")
+        import bitsandbytes.functional as bnb  # only for nf4: it costs every process that imports this ~1 s
+
         quantized = [
             bnb.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4") for w in weight
         ]
@@ -64,6 +65,8 @@ class QuantizedExpertWeight(nn.Module):
     def dequantize(self, expert: int) -> torch.Tensor:
         if self.scheme == "int8":
             return self.data[expert].to(self.compute_dtype) * self.scale[expert]
+        import bitsandbytes.functional as bnb
+
         nested = bnb.QuantState(
             absmax=self.absmax2[expert], code=self.code2, blocksize=self.blocksize2, dtype=torch.float32
         )

@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from strata.config import VariantConfig
-from strata.models.adapters import merged_model
 from strata.registry import resolve_model
 from strata.serve.precision import to_serving_precision
 
@@ -26,6 +25,8 @@ def load_for_serving(variant: VariantConfig) -> tuple[PreTrainedModel, PreTraine
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = resolve_model(variant.model)
     if variant.adapter:
+        from strata.models.adapters import merged_model  # peft: seconds to import, for adapter variants only
+
         model = merged_model(base.directory, "lora", fetch_adapter(variant.adapter))
     else:
         model = AutoModelForCausalLM.from_pretrained(base.directory)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 from torch import nn
 
@@ -151,6 +150,8 @@ def read_adapter(name: str, adapter_dir: str | Path) -> dict[str, tuple[torch.Te
     unknown = [key for key in weights if not key.endswith((A_SUFFIX, B_SUFFIX))]
     if unknown:
         raise ValueError(f"variant {name!r}: its adapter holds {unknown[0]}, which is not a LoRA linear factor")
+    from peft.utils.other import get_pattern_key  # here: peft costs a replica without adapters ~2 s to import
+
     factors = {}
     for key in weights:
         if key.endswith(A_SUFFIX):
