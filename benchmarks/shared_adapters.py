@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-import httpx  # noqa: E402
+import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -79,34 +79,56 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 async def clients(url: str, prompts: list[str], count: int, max_tokens: int) -> dict[str, Any]:
-    """`count` clients, each sending its share of `prompts` one after another; users spread over the split."""
+    """`count` clients, each sending its share of `prompts` one after another; users spread over the split.
+
+    On aiohttp, not httpx: the clients share the 2 cores with what they measure; httpx's took ~15% of a core at these
+    ~16 requests/s, aiohttp's under half that (per-process CPU time over a minute of turns)."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     tokens, served = 0, {v: 0 for v in VARIANTS}
 
-    async def client(http: httpx.AsyncClient, index: int) -> None:
+    async def client(http: aiohttp.ClientSession, index: int) -> None:
         nonlocal tokens
         for prompt in prompts[index::count]:
             body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-            reply = await http.post(url, json={**body, "user": f"user-{index}"}, headers=headers)
-            reply.raise_for_status()
-            tokens += reply.json()["usage"]["completion_tokens"]
-            served[reply.headers["x-strata-variant"]] += 1
+            async with http.post(url, json={**body, "user": f"user-{index}"}, headers=headers) as reply:
+                reply.raise_for_status()
+                tokens += (await reply.json())["usage"]["completion_tokens"]
+                served[reply.headers["x-strata-variant"]] += 1
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count)) as http:
+    connector = aiohttp.TCPConnector(limit=count)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
         await asyncio.gather(*(client(http, i) for i in range(count)))
     seconds = time.perf_counter() - started
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "requests_per_variant": served}
 
 
+def replica_stats(app: str) -> list[dict[str, Any]]:
+    """`ModelServer.stats()` of every model replica of `app` (the router's left out: both sides have one)."""
+    names = [name for name in serve.status().applications[app].deployments if name != "Router"]
+    return [serve.get_deployment_handle(name, app_name=app).stats.remote().result() for name in names]
+
+
 def replica_rss(app: str) -> int:
-    """The resident memory of every model replica process of `app` (the router's left out: both sides have one)."""
-    total = 0
-    for name in serve.status().applications[app].deployments:
-        if name != "Router":
-            pid = serve.get_deployment_handle(name, app_name=app).stats.remote().result()["pid"]
-            total += psutil.Process(pid).memory_info().rss
-    return total
+    """The resident memory of every model replica process of `app`."""
+    return sum(psutil.Process(stats["pid"]).memory_info().rss for stats in replica_stats(app))
+
+
+def engine_counters(app: str) -> dict[str, float]:
+    """Decode steps, tokens and seconds spent stepping, summed over `app`'s replicas: a turn's difference says how
+    full its batches ran and how long a step took, which is where two sides of equal tokens/s targets differ."""
+    stats = replica_stats(app)
+    return {key: sum(s[key] for s in stats) for key in ("steps", "tokens", "busy_seconds")}
+
+
+def engine_turn(before: dict[str, float], after: dict[str, float], seconds: float, replicas: int) -> dict[str, float]:
+    """A turn per replica: tokens per decode step, milliseconds per step, and the share of the turn spent stepping."""
+    steps, busy = after["steps"] - before["steps"], after["busy_seconds"] - before["busy_seconds"]
+    return {
+        "tokens_per_step": (after["tokens"] - before["tokens"]) / steps,
+        "step_ms": 1000 * busy / steps,
+        "busy": busy / (seconds * replicas),
+    }
 
 
 def main() -> None:
@@ -194,12 +216,20 @@ def main() -> None:
             for side in sides[repeat % 3 :] + sides[: repeat % 3]:  # each side first in turn: drifts fall on all
                 url = urls[side]
                 with console.status(f"turn {repeat + 1}/{args.repeats}: {side}"):
-                    runs[side].append(asyncio.run(clients(url, prompts, args.clients, args.max_tokens)))
+                    before = engine_counters(side)
+                    turn = asyncio.run(clients(url, prompts, args.clients, args.max_tokens))
+                    replicas = len(replica_stats(side))
+                    counters = engine_turn(before, engine_counters(side), turn["seconds"], replicas)
+                    runs[side].append({**turn, **counters})
         rss = {side: replica_rss(side) for side in urls}
         serve.shutdown()
         ray.shutdown()
 
     tokens_per_s = {side: statistics.median(r["tokens_per_s"] for r in turns) for side, turns in runs.items()}
+    engines = {
+        side: {key: statistics.median(r[key] for r in turns) for key in ("tokens_per_step", "step_ms", "busy")}
+        for side, turns in runs.items()
+    }
     memory_ratio = rss["shared_replica"] / rss["two_replicas"]
     tokens_ratio = tokens_per_s["shared_replica"] / tokens_per_s["two_replicas"]
     results = {
@@ -213,6 +243,7 @@ def main() -> None:
             "repeats": args.repeats,
         },
         "tokens_per_s": tokens_per_s,
+        "engine_steps": engines,  # per replica, median turn: tokens per decode step, ms per step, share spent stepping
         "replica_rss_bytes": rss,
         "weight_bytes": {**weights, "one_model": weights["two_replicas"] // 2},
         "runs": runs,
@@ -240,12 +271,15 @@ def main() -> None:
 
 def report(console: Console, results: dict[str, Any]) -> None:
     table = Table(title="two LoRA variants, 50/50: two replicas vs one shared replica")
-    for column in ("", "tokens/s", "replica RSS (MiB)", "weights (MiB)"):
+    for column in ("", "tokens/s", "tokens/step", "ms/step", "busy", "replica RSS (MiB)", "weights (MiB)"):
         table.add_column(column, justify="right")
     for side in ("two_replicas", "shared_replica", "one_model"):
         table.add_row(
             side,
             f"{results['tokens_per_s'][side]:.0f}",
+            f"{results['engine_steps'][side]['tokens_per_step']:.1f}",
+            f"{results['engine_steps'][side]['step_ms']:.1f}",
+            f"{results['engine_steps'][side]['busy']:.0%}",
             f"{results['replica_rss_bytes'][side] / 2**20:.0f}",
             f"{results['weight_bytes'][side] / 2**20:.1f}",
         )
