@@ -115,19 +115,20 @@ def replica_rss(app: str) -> int:
 
 
 def engine_counters(app: str) -> dict[str, float]:
-    """Decode steps, tokens and seconds spent stepping, summed over `app`'s replicas: a turn's difference says how
-    full its batches ran and how long a step took, which is where two sides of equal tokens/s targets differ."""
+    """Decode steps, tokens and seconds spent stepping, summed over `app`'s replicas, and how many replicas: a turn's
+    difference says how full its batches ran and how long a step took, which is where two sides of equal tokens/s
+    targets differ."""
     stats = replica_stats(app)
-    return {key: sum(s[key] for s in stats) for key in ("steps", "tokens", "busy_seconds")}
+    return {"replicas": len(stats), **{key: sum(s[key] for s in stats) for key in ("steps", "tokens", "busy_seconds")}}
 
 
-def engine_turn(before: dict[str, float], after: dict[str, float], seconds: float, replicas: int) -> dict[str, float]:
+def engine_turn(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
     """A turn per replica: tokens per decode step, milliseconds per step, and the share of the turn spent stepping."""
     steps, busy = after["steps"] - before["steps"], after["busy_seconds"] - before["busy_seconds"]
     return {
         "tokens_per_step": (after["tokens"] - before["tokens"]) / steps,
         "step_ms": 1000 * busy / steps,
-        "busy": busy / (seconds * replicas),
+        "busy": busy / (seconds * after["replicas"]),
     }
 
 
@@ -218,9 +219,7 @@ def main() -> None:
                 with console.status(f"turn {repeat + 1}/{args.repeats}: {side}"):
                     before = engine_counters(side)
                     turn = asyncio.run(clients(url, prompts, args.clients, args.max_tokens))
-                    replicas = len(replica_stats(side))
-                    counters = engine_turn(before, engine_counters(side), turn["seconds"], replicas)
-                    runs[side].append({**turn, **counters})
+                    runs[side].append({**turn, **engine_turn(before, engine_counters(side), turn["seconds"])})
         rss = {side: replica_rss(side) for side in urls}
         serve.shutdown()
         ray.shutdown()
