@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from strata.data.corpus import CorpusManifest, iter_texts
 from strata.paths import fetched
@@ -103,3 +106,20 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = 
     configured = configured if isinstance(configured, list) else [configured]
     ids = [*configured, tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], bytes]:
+    """Each token's exact bytes (a token may end inside a multi-byte character). Byte-level BPE tokens (GPT-2, Qwen,
+    Strata's own) map back through the byte alphabet; other tokenizers' pieces are decoded."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    byte_level = isinstance(decoder, decoders.ByteLevel)
+    alphabet = {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else {}
+
+    @functools.cache
+    def of(token: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        if alphabet and all(char in alphabet for char in piece):
+            return bytes(alphabet[char] for char in piece)
+        return tokenizer.decode([token]).encode()
+
+    return of

@@ -10,7 +10,7 @@ from ray import serve
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.serve.model_server import ModelServer
-from strata.serve.precision import check_precisions
+from strata.serve.precision_checks import check_precisions
 from strata.serve.router import Router
 
 

@@ -16,17 +16,21 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
-from transformers import PreTrainedTokenizerBase
 
 from strata.config import VariantConfig
-from strata.serve.engine import Output, SamplingParams, StepStats, TokenLogprob
-from strata.serve.engine_loops import EngineLoops
-from strata.serve.kv_cache import cache_tokens_in
 from strata.serve.metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, ObservabilityErrors
+
+# torch, transformers and the engine load in a replica, not on import: the Serve controller imports this module to
+# build the application (`app.build_application`), and that build is on the path of every deploy (~5 s less).
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from strata.serve.engine import Output, StepStats
+    from strata.serve.sampling import SamplingParams, TokenLogprob
 
 T = TypeVar("T")
 METRICS_INTERVAL_S = 1.0  # how often a replica exports its engine's batch, queue, token and expert metrics
@@ -54,7 +58,10 @@ class ModelServer:
         import torch
 
         from strata import tracking
+        from strata.data.tokenizer import token_bytes
         from strata.models.moe_stats import ExpertLoadRecorder
+        from strata.serve.engine_loops import EngineLoops
+        from strata.serve.kv_cache import cache_tokens_in
         from strata.serve.loading import load_for_serving
         from strata.serve.shared_base import SharedBase
 
@@ -167,6 +174,8 @@ class ModelServer:
     def sampling_params(self, request: dict[str, Any], candidate: int) -> SamplingParams:
         """The engine's params for one of a prompt's candidates. A seeded request's candidate i draws with seed + i,
         as in vLLM: n > 1 choices differ, and each is reproducible. Ranking best_of candidates needs logprobs."""
+        from strata.serve.sampling import SamplingParams
+
         ranked = request["best_of"] > request["n"]
         return SamplingParams(
             max_tokens=request["max_tokens"],
@@ -388,25 +397,6 @@ def best_of(choices: list[dict[str, Any]], request: dict[str, Any]) -> list[dict
             logprobs = choice["logprobs"] if request["logprobs"] is not None else None
             kept.append({**choice, "index": first // candidates * n + i, "logprobs": logprobs})
     return kept
-
-
-def token_bytes(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], bytes]:
-    """Each token's exact bytes (a token may end inside a multi-byte character). Byte-level BPE tokens (GPT-2, Qwen,
-    Strata's own) map back through the byte alphabet; other tokenizers' pieces are decoded."""
-    from tokenizers.decoders import ByteLevel
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    alphabet = {char: byte for byte, char in bytes_to_unicode().items()} if isinstance(decoder, ByteLevel) else {}
-
-    @functools.cache
-    def of(token: int) -> bytes:
-        piece = tokenizer.convert_ids_to_tokens(token)
-        if alphabet and all(char in alphabet for char in piece):
-            return bytes(alphabet[char] for char in piece)
-        return tokenizer.decode([token]).encode()
-
-    return of
 
 
 def on_passing_thread(work: Callable[[], T]) -> T:

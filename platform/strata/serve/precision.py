@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from strata.config import ServeConfig, VariantConfig
+from strata.config import VariantConfig
 from strata.models.cpu_features import cpu_instructions
 
 logger = logging.getLogger("ray.serve")  # a replica's own log file
@@ -112,26 +112,3 @@ def brgemm_kernels(model: nn.Module) -> str:
     if reason:
         return f"torch's (brgemm not used: {reason})"
     return f"brgemm on {cpu_instructions()} ({layers} layers prepacked)"
-
-
-def nf4_unavailable() -> str | None:
-    """Why bitsandbytes cannot quantise to nf4 here, or None: it is importable and quantises a small tensor."""
-    try:
-        import bitsandbytes.functional as bnbf
-
-        bnbf.quantize_4bit(torch.ones(64, 64, dtype=torch.bfloat16), quant_type="nf4")
-    except Exception as err:  # an import error, or no backend for this device
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def check_precisions(config: ServeConfig) -> None:
-    """ValueError naming the variant and the field, before any replica starts, for a precision a replica could not
-    load: nf4 where bitsandbytes cannot run (float16 on a CPU is refused by the config itself)."""
-    nf4_variants = [v.name for v in config.variants if v.engine.quantization == "nf4"]
-    reason = nf4_unavailable() if nf4_variants else None
-    if reason:
-        raise ValueError(
-            f"variant {nf4_variants[0]!r}: engine.quantization nf4 needs bitsandbytes, which cannot run here "
-            f"({reason}); use int8 or none"
-        )
