@@ -145,10 +145,12 @@ def test_asha_stops_the_poor_trial_nests_trials_in_mlflow_and_registers_the_best
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(registered_base, strata_home, sft_file):
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, registered_base, strata_home, sft_file):
+    """The sweep's driver joins this session's Ray, as a driver joins a running cluster: SIGKILLed, it takes its
+    trials with it (they are its actors), and the rerun's driver picks the sweep up from Tune's saved state."""
     path = write_sweep(strata_home, registered_base, sft_file, scheduler={"type": "fifo"}, max_steps=10)
     env = {**os.environ, "STRATA_HOME": str(strata_home), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
     command = [sys.executable, str(ROOT / "jobs/tune.py"), "--config", str(path)]
     log = (strata_home / "first.log").open("w")
     first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
