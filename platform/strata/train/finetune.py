@@ -25,7 +25,7 @@ from strata.registry import ResolvedModel, generate_text, resolve_model
 from strata.runtime import init_ray
 from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.sft_loop import finetune_loop_per_worker
-from strata.train.trainer import make_trainer
+from strata.train.trainer import fit_unless_finished, make_trainer
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         console.print(f"MLflow run {run_id} ({run_name}) in {uri}")
         callbacks = [MlflowMetricsCallback(uri, run_id)]
         trainer = make_trainer(cfg, finetune_loop_per_worker, inputs.loop_config, callbacks, run_name)
-        result = trainer.fit()
+        result = fit_unless_finished(trainer, cfg, run_name)
         if result.checkpoint is None:
             raise RuntimeError(f"run {run_name} finished without a checkpoint")
         # In place when storage is local; a copy, removed on exit, when it is remote.

@@ -1,7 +1,7 @@
 """Pretraining on Ray Train: prepare data, run the TorchTrainer, track in MLflow, register the model.
 
 Re-running with the same `run_name` and storage path resumes from the latest checkpoint (Ray Train finds
-it in storage) and continues the same MLflow run.
+it in storage) and continues the same MLflow run; re-running a finished one returns its result without training.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from strata.models.presets import check_tokenizer_fits
 from strata.runtime import init_ray
 from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.pretrain_loop import EXPERT_LOAD, MODEL_DIR, train_loop_per_worker
-from strata.train.trainer import make_trainer
+from strata.train.trainer import fit_unless_finished, make_trainer
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def run_pretraining(cfg: PretrainConfig, console: Console | None = None) -> Pret
         trainer = make_trainer(
             cfg, train_loop_per_worker, loop_config, [MlflowMetricsCallback(uri, run_id)], cfg.run_name
         )
-        result = trainer.fit()
+        result = fit_unless_finished(trainer, cfg, cfg.run_name)
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
         # The checkpoint in place when storage is local (as_directory copies only a remote one, and removes the copy).

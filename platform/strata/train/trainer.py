@@ -49,6 +49,18 @@ def make_trainer(cfg: BatchedJob, train_fn, loop_config: dict, callbacks: list, 
     )
 
 
+def fit_unless_finished(trainer: TorchTrainer, cfg: BatchedJob, run_name: str) -> ray.train.Result:
+    """The run's result: read from storage when its latest checkpoint already reached `max_steps` (rerunning a
+    finished run starts no worker and trains nothing), else what `trainer.fit()` returns (a fresh start or a resume)."""
+    try:
+        done = ray.train.Result.from_path(f"{cfg.checkpoint.resolved_storage_path}/{run_name}")
+    except RuntimeError:  # no run there yet, or one that never checkpointed
+        return trainer.fit()
+    if done.checkpoint is not None and done.metrics.get("step", -1) >= cfg.optim.max_steps:
+        return done
+    return trainer.fit()
+
+
 def lr_lambda(optim: OptimConfig):
     """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
 
