@@ -31,10 +31,10 @@ from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from strata import paths, tracking
 from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig, replica_groups
+from strata.serve.adapter_sources import check_groups
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
 from strata.serve.precision_checks import check_precisions
 from strata.serve.routing import Split
-from strata.serve.shared_base import check_groups
 
 IMPORT_PATH = "serve_apps.ab:build_app"
 ROUTER = "Router"

@@ -12,46 +12,15 @@ greedy tokens (its info says `method: qlora`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from strata.config import ServeConfig, VariantConfig, replica_groups
-from strata.registry import ResolvedModel, fine_tune_of, resolve_model
+from strata.config import VariantConfig
+from strata.registry import ResolvedModel, resolve_model
+from strata.serve.adapter_sources import AdapterSource, adapter_source
 from strata.serve.loading import fetch_adapter
 from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.precision import to_serving_precision
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where a variant's weights come from: a base (a `model` spec) and, unless it serves the base, an adapter."""
-
-    base: str
-    adapter: str | None
-    info: dict[str, str]  # what the variant is, for its replica's stats
-
-
-def adapter_source(variant: VariantConfig) -> AdapterSource:
-    if variant.adapter:
-        return AdapterSource(variant.model, variant.adapter, {"model": variant.model, "adapter": variant.adapter})
-    tuned = fine_tune_of(variant.model)
-    if tuned is None:
-        return AdapterSource(variant.model, None, {"model": variant.model})
-    info = {"model": variant.model, "base": tuned.base, "adapter": tuned.adapter, "method": tuned.method}
-    return AdapterSource(tuned.base, tuned.adapter, info)
-
-
-def check_groups(config: ServeConfig) -> None:
-    """Before anything loads (at deploy): each replica group has an adapter to share its base with."""
-    for group, members in replica_groups(config.variants).items():
-        if not any(adapter_source(member).adapter for member in members):
-            names = [m.name for m in members]
-            raise ValueError(
-                f"replica group {group!r} ({', '.join(names)}): none of its variants is a LoRA adapter or a registered "
-                "LoRA/QLoRA fine-tune, so there is no base to share; deploy them without a replica group"
-            )
 
 
 class SharedBase:
