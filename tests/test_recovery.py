@@ -177,10 +177,15 @@ def test_spot_notice_gives_a_just_in_time_checkpoint_and_loses_no_step(small_dat
             cluster, ROOT / "jobs/pretrain.py", ["--config", str(config_file)], {"STRATA_HOME": str(tmp_path)}
         )
 
+        deadline = time.time() + 300
+        while not (launched := cluster.node_ids("train-spot-g6e")):  # launched for the job: both workers fit on it
+            assert time.time() < deadline and driver.poll() is None, "no train-spot-g6e node came up for the job"
+            time.sleep(0.5)
+        [spot_a] = launched
+        # Polling before the notice, as on a real node: the notice must reach the loop before step 30 ends the run.
+        watcher = start_spot_watcher(cluster, None, imds.url, ROOT / "platform", node_id=spot_a)
         run_dir = tmp_path / "runs" / "spot"
         wait_for_checkpoint(run_dir, 10)
-        [spot_a] = cluster.node_ids("train-spot-g6e")  # launched for the job: both workers fit on it
-        watcher = start_spot_watcher(cluster, None, imds.url, ROOT / "platform", node_id=spot_a)
         imds.arm(seconds_left=20)
         assert watcher.wait(timeout=60) == 0, watcher.stdout.read()
         jit_step = wait_for_extra_checkpoint(run_dir, regular={10, 20, 30})
