@@ -25,7 +25,7 @@ from strata.config import VariantConfig
 from strata.serve.metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, ObservabilityErrors
 
 # torch, transformers and the engine load in a replica, not on import: the Serve controller imports this module to
-# build the application (`app.build_application`), and that build is on the path of every deploy (~5 s less).
+# build the application (`app.build_application`), and that build is on the path of every deploy (~6 s less here).
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 

@@ -55,10 +55,9 @@ def fit_unless_finished(trainer: TorchTrainer, cfg: BatchedJob, run_name: str) -
     try:
         done = ray.train.Result.from_path(f"{cfg.checkpoint.resolved_storage_path}/{run_name}")
     except RuntimeError:  # no run there yet, or one that never checkpointed
-        return trainer.fit()
-    if done.checkpoint is not None and done.metrics.get("step", -1) >= cfg.optim.max_steps:
-        return done
-    return trainer.fit()
+        done = None
+    finished = done is not None and done.checkpoint is not None and done.metrics["step"] >= cfg.optim.max_steps
+    return done if finished else trainer.fit()
 
 
 def lr_lambda(optim: OptimConfig):
