@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from strata.models.brgemm_bf16 import (
 from strata.models.cpu_features import cpu_instructions
 from strata.models.presets import build_model
 
+PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 brgemm = pytest.mark.skipif(cpu_instructions() is None, reason="the kernels need a CPU with AMX or AVX512-BF16")
 
 
@@ -120,3 +125,17 @@ def test_the_kernels_are_refused_where_they_cannot_run(tiny_moe):
     assert brgemm_unavailable(adapted) == "the model carries peft adapters (merge them first)"
     odd = build_model("tiny", 512, {}, overrides={"moe_intermediate_size": 100}).bfloat16()
     assert "not a multiple of 32" in brgemm_unavailable(odd)
+
+
+@brgemm
+def test_a_finished_build_is_imported_without_asking_ninja(tmp_path):
+    """Whichever ninja is first on PATH (pip's in an activated venv, the system's otherwise) must not rebuild what
+    the other built: here the only `ninja` on PATH fails, and a process loading the kernels must not call it."""
+    kernel()  # built (by `make setup`, or now)
+    (tmp_path / "ninja").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "ninja").chmod(0o755)
+    load = "import strata.models.brgemm_bf16 as b; print(b.kernel().__file__)"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(PLATFORM)}
+    done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == kernel().__file__

@@ -19,8 +19,10 @@ returned.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import sys
 import time
@@ -49,19 +51,30 @@ CFLAGS = ["-O3", "-ffast-math", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512
 def kernel() -> ModuleType:
     """The compiled extension, built once per source, flags and environment (its torch headers). The source is
     copied into its build directory first, named by that hash: a Ray worker imports Strata from a per-job copy, and
-    a build from another path would rebuild it."""
+    a build from another path would rebuild it.
+
+    A finished build is imported as it is, without asking ninja whether it is up to date: the name already says
+    what it was built from, and two ninjas (pip's, on the venv's PATH, and the system's) do not read each other's
+    build log, so each rebuilt after the other (~40 s on 2 cores, inside a replica's start)."""
     from torch.utils.cpp_extension import get_default_build_root, load
 
     source = SOURCE.read_bytes()
     key = source + " ".join([*CFLAGS, sys.prefix, torch.__version__]).encode()
     name = "strata_brgemm_bf16_" + hashlib.sha256(key).hexdigest()[:12]
-    directory = Path(get_default_build_root()) / name
+    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name  # as torch's
     directory.mkdir(parents=True, exist_ok=True)
     copy = directory / SOURCE.name
     if not copy.exists():
         partial = directory / f"{SOURCE.name}.{os.getpid()}"
         partial.write_bytes(source)
         partial.replace(copy)  # atomic: processes starting together never see half a file
+    built = directory / f"{name}.so"
+    if built.exists() and not (directory / "lock").exists():  # torch's lock is there while a build runs
+        with contextlib.suppress(ImportError, OSError):  # an unusable file: `load` builds it again
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
     return load(name=name, sources=[str(copy)], extra_cflags=CFLAGS, build_directory=str(directory), verbose=False)
 
 
