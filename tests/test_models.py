@@ -135,3 +135,14 @@ def test_active_parameters_count_top_k_experts_from_the_config(preset):
     flops = training_flops_per_token(config, 128)
     assert flops == 6 * expected + 12 * config.num_hidden_layers * config.hidden_size * 128
     assert mfu(1000.0, flops, 1e12, 2) == pytest.approx(1000 * flops / 2e12)
+
+
+def test_models_load_without_hub_kernels(tiny_base):
+    """transformers would otherwise swap layers for Hub-downloaded kernels at load and at each train()/eval() on a
+    GPU, which fails on an offline node (seen on an H200) and changes the numbers a checkpoint was judged on."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert not model.use_kernels
+    model.train()
+    assert not model.use_kernels

@@ -180,7 +180,9 @@ def _carries_peft_layers(model: nn.Module) -> bool:
 
 def brgemm_unavailable(model: PreTrainedModel) -> str | None:
     """Why the brgemm kernels cannot run `model`, or None if they can."""
-    if model.device.type != "cpu" or cpu_instructions() is None:
+    if model.device.type != "cpu":
+        return f"the model is on {model.device.type}; they are CPU kernels"
+    if cpu_instructions() is None:
         return "they need a CPU with AMX or AVX512-BF16"
     if model.dtype != torch.bfloat16:
         return f"the model is {str(model.dtype).removeprefix('torch.')}, not bfloat16"
