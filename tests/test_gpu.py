@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
+from test_quantized_experts import lora_on_experts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.config import LoraSettings, VariantConfig
@@ -101,7 +101,11 @@ def test_nccl_all_reduce(tmp_path):
         dist.destroy_process_group()
 
 
-def generate_on_engine(engine: Engine, prompts: list[str], max_tokens: int) -> list[str]:
+def generate_on_engine(
+    engine: Engine, prompts: list[str], max_tokens: int, adapters: list[str] | None = None
+) -> list[str]:
+    """Greedy continuations of `prompts`, all submitted at once (row i decodes with `adapters[i]` where given)."""
+    adapters = adapters or [None] * len(prompts)
     texts = {i: "" for i in range(len(prompts))}
     done = threading.Semaphore(0)
 
@@ -117,7 +121,7 @@ def generate_on_engine(engine: Engine, prompts: list[str], max_tokens: int) -> l
     scheduler.start()
     for i, prompt in enumerate(prompts):
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), sink_for(i))
+        engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), sink_for(i), adapter=adapters[i])
     for _ in prompts:
         assert done.acquire(timeout=60)
     engine.stop()
@@ -141,19 +145,6 @@ def test_engine_on_cuda_matches_generate(tiny_base, dtype):
         assert got == expected
     else:  # bf16 batched vs one at a time round differently: most, not all, continuations agree exactly
         assert sum(g == e for g, e in zip(got, expected, strict=True)) >= len(PROMPTS) // 2, (got, expected)
-
-
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def lora_on_experts(model):
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], target_parameters=EXPERTS)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
-    return peft_model
 
 
 @pytest.mark.parametrize(("scheme", "tolerance"), [("nf4", 0.05), ("int8", 0.01)])
@@ -278,26 +269,7 @@ def test_rows_of_different_adapters_decode_on_cuda_as_their_merged_models(tiny_b
     for name, path in adapters.items():
         shared.add(name, path)
     engine = Engine(model, tokenizer, max_batch_size=16, adapters=shared)
-    texts = {(p, n): "" for p in PROMPTS for n in expected}
-    done = threading.Semaphore(0)
-
-    def sink_for(key):
-        def sink(output: Output) -> None:
-            texts[key] += output.text
-            if output.finish_reason:
-                done.release()
-
-        return sink
-
-    scheduler = threading.Thread(target=engine.run, daemon=True)
-    scheduler.start()
-    for key in texts:  # every variant's rows in the same running batch
-        ids = tokenizer.encode(key[0], add_special_tokens=False)
-        engine.submit(ids, SamplingParams(max_tokens=12, temperature=0.0), sink_for(key), adapter=key[1])
-    for _ in texts:
-        assert done.acquire(timeout=60)
-    engine.stop()
-    scheduler.join()
-    assert engine.failure is None
-    for (prompt, name), text in texts.items():
+    rows = [(p, n) for p in PROMPTS for n in expected]  # every variant's rows in the same running batch
+    texts = generate_on_engine(engine, [p for p, _ in rows], 12, adapters=[n for _, n in rows])
+    for (prompt, name), text in zip(rows, texts, strict=True):
         assert text == expected[name][PROMPTS.index(prompt)], (prompt, name)
