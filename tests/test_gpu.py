@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
+from test_precision import agreement, greedy
 from test_quantized_experts import lora_on_experts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,14 +211,6 @@ def test_qlora_on_the_moe_base_takes_a_fraction_of_loras_memory_on_cuda(tmp_path
     assert ratios["weights"] <= 0.35 and ratios["train_peak"] <= 0.45, (measured, ratios)
 
 
-def greedy_agreement(model, reference, ids: torch.Tensor) -> float:
-    """The share of `reference`'s greedy continuation of `ids` that `model` picks too, given the same text before."""
-    with torch.inference_mode():
-        sequence = reference.generate(ids, max_new_tokens=24, do_sample=False)
-        picks = model(sequence[:, :-1]).logits[:, ids.shape[1] - 1 :].argmax(-1)
-    return (picks == sequence[:, ids.shape[1] :]).float().mean().item()
-
-
 def test_each_serving_precision_runs_on_cuda_and_agrees_with_fp32(tiny_base):
     """`auto` is bf16 on a GPU; bf16, float16, int8 and nf4 (bitsandbytes' Linear4bit and the NF4 experts) replicas
     decode on the engine and pick most of the fp32 replica's greedy tokens."""
@@ -231,7 +224,7 @@ def test_each_serving_precision_runs_on_cuda_and_agrees_with_fp32(tiny_base):
         return model, info
 
     fp32, _ = load("float32")
-    ids = token_batch(seed=3)[:, :8]
+    reference = greedy(fp32)
     agreements = {}
     for dtype, quantization in (("auto", "none"), ("float16", "none"), ("bfloat16", "int8"), ("bfloat16", "nf4")):
         model, info = load(dtype, quantization)
@@ -240,7 +233,7 @@ def test_each_serving_precision_runs_on_cuda_and_agrees_with_fp32(tiny_base):
         assert next(model.parameters()).device.type == CUDA.type
         if quantization == "none":
             assert info["kernels"].endswith("they are CPU kernels)"), info["kernels"]
-        agreements[(dtype, quantization)] = greedy_agreement(model, fp32, ids)
+        agreements[(dtype, quantization)] = agreement(model, reference)
         texts = generate_on_engine(Engine(model, tokenizer, max_batch_size=8), PROMPTS, max_tokens=8)
         assert any(texts), (dtype, quantization)
     print("greedy-token agreement with fp32 on CUDA:", agreements)

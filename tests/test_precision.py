@@ -27,7 +27,10 @@ def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_with_native_bf16():
 def greedy(model, max_tokens: int = 16) -> list[torch.Tensor]:
     """Each prompt with its greedy continuation."""
     with torch.inference_mode():
-        return [model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0] for ids in PROMPTS]
+        return [
+            model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_tokens, do_sample=False)[0]
+            for ids in PROMPTS
+        ]
 
 
 def agreement(model, sequences: list[torch.Tensor]) -> float:
