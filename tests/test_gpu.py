@@ -27,8 +27,8 @@ CUDA = torch.device("cuda")
 PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __init__(self, text):\n", "x = 1"]
 
 
-def token_batch(seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 1000, (4, 48), generator=torch.Generator().manual_seed(seed)).to(CUDA)
+def token_batch() -> torch.Tensor:
+    return torch.randint(5, 1000, (4, 48), generator=torch.Generator().manual_seed(0)).to(CUDA)
 
 
 def train(model, steps: int, lr: float, autocast: bool) -> list[float]:
