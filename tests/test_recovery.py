@@ -111,6 +111,23 @@ def test_sigkilled_worker_resumes_from_checkpoint_bit_identical_from_object_stor
     assert client.get_run(result.run_id).data.metrics["recovery_worker_failures"] >= 1
 
 
+def test_a_run_without_failure_budget_fails_at_the_first_killed_worker_and_keeps_its_checkpoint(
+    ray_session, small_data, tmp_path
+):
+    """`checkpoint.max_failures: 0` reaches Ray Train: the SIGKILL ends the run instead of resuming it, and the
+    checkpoint taken before it is still registered for a rerun to resume from."""
+    tree = recovery_config(small_data[0], tmp_path, "no-retries").model_dump(mode="json")
+    tree["checkpoint"].update(every_steps=5, max_failures=0)
+    config = PretrainConfig.model_validate(tree)
+    run_dir = Path(config.checkpoint.resolved_storage_path) / "no-retries"
+    killer = WorkerKiller(run_dir, after_step=5, delay_s=0).start()
+    with pytest.raises(ray_session.train.WorkerGroupError):
+        run_pretraining(config)
+    killer.join(timeout=5)
+    assert killer.killed_pid, "the fault was never injected"
+    assert 5 <= latest_checkpoint_step(run_dir) < MAX_STEPS
+
+
 def test_killed_driver_rerun_with_same_name_resumes_bit_identical(small_data, uninterrupted, tmp_path):
     config = recovery_config(small_data[0], tmp_path, "killed-driver")
     config_file = tmp_path / "job.yaml"

@@ -43,6 +43,12 @@ class CheckpointConfig(StrictModel):
         1, gt=0, description="How often the loop asks Ray Train about node preemptions (a barrier across ranks)."
     )
     storage_path: str = Field("runs", description="Local directory or s3:// URI for Ray Train storage.")
+    max_failures: int = Field(
+        3,
+        ge=-1,
+        description="Worker-group failures to resume from before the run fails (-1: no limit). Preemptions are "
+        "counted apart and always resumed.",
+    )
 
     @property
     def resolved_storage_path(self) -> str:

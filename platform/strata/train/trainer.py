@@ -43,7 +43,7 @@ def make_trainer(cfg: BatchedJob, train_fn, loop_config: dict, callbacks: list, 
             name=run_name,
             storage_path=cfg.checkpoint.resolved_storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=3),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             callbacks=[*callbacks, PrometheusMetricsCallback(run_name)],
         ),
     )
