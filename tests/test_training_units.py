@@ -64,6 +64,21 @@ def test_accumulated_sft_gradient_is_the_token_mean_of_the_whole_batch():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_sft_forward_runs_in_bf16_under_autocast_and_keeps_fp32_gradients():
+    """`scaling.precision: bf16` (what `auto` picks on a GPU) reaches the fine-tuning forward, as in pretraining."""
+    expected_loss, _ = one_batch_reference()
+    model = dense_loss_model()
+    seen: set[torch.dtype] = set()
+    model.lm_head.register_forward_hook(lambda _module, _inputs, out: seen.add(out.dtype))
+    global_tokens = sum(e.loss_tokens for e in EXAMPLES)
+    loss, _ = accumulate_gradients(
+        model, [collate(EXAMPLES, PAD)], global_tokens, world_size=1, aux_coef=0.0, autocast_bf16=True
+    )
+    assert seen == {torch.bfloat16}
+    assert loss == pytest.approx(expected_loss, rel=0.02)
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+
+
 def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

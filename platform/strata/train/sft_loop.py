@@ -71,10 +71,16 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 def accumulate_gradients(
-    model, micro_batches: list[dict[str, torch.Tensor]], global_tokens: int, world_size: int, aux_coef: float
+    model,
+    micro_batches: list[dict[str, torch.Tensor]],
+    global_tokens: int,
+    world_size: int,
+    aux_coef: float,
+    autocast_bf16: bool = False,
 ) -> tuple[float, float]:
     """Backward over this rank's micro-batches of one global batch. Returns this rank's share of the global
-    batch's loss (the shares of all ranks add up to it) and its mean load-balancing loss.
+    batch's loss (the shares of all ranks add up to it) and its mean load-balancing loss. `autocast_bf16`
+    (`scaling.precision`, as in pretraining) runs the forward in bf16 over the fp32 trainable weights.
 
     The loss is the sum of token losses over `global_tokens`, the response tokens of the whole global batch on
     every rank, so a token weighs the same wherever it lands; DDP averages gradients across ranks, hence the
@@ -83,7 +89,11 @@ def accumulate_gradients(
     loss_sum = aux_sum = 0.0
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or world_size == 1
-        with nullcontext() if sync else model.no_sync():  # all-reduce once per step
+        device_type = batch["input_ids"].device.type
+        with (
+            nullcontext() if sync else model.no_sync(),  # all-reduce once per step
+            torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16),
+        ):
             token_losses, aux = response_loss(model, batch)
             loss = token_losses * world_size / global_tokens
             if aux is not None:
@@ -121,26 +131,26 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     checkpoint = ray.train.get_checkpoint()
-    state, resumed_dir = None, None
     seed_everything(cfg.optim.seed, rank)  # LoRA initialisation and dropout draw from these streams
-    if checkpoint:
-        resumed_dir = checkpoint.to_directory()
-        state = torch.load(Path(resumed_dir) / TRAIN_STATE, weights_only=False)
     tracking.use_store(loop_config["tracking_uri"])
-    base_dir = resolve_model(cfg.base_model).directory  # each worker fetches the base: nodes share no disk
-    if cfg.method == "full" and resumed_dir:
-        base_dir = str(Path(resumed_dir) / "model")
-    adapter_dir = str(Path(resumed_dir) / ADAPTER_DIR) if resumed_dir and cfg.method != "full" else None
-    model = trainable_model(
-        base_dir, cfg.method, cfg.lora, device, cfg.gradient_checkpointing, adapter_dir, cfg.quantize_experts
-    )
-    # A 4-bit model is placed on its device at load time; moving it again is not supported.
-    model = ray.train.torch.prepare_model(model, move_to_device=cfg.method != "qlora")
-    optimizer, scheduler, step, cursor = optimizer_and_schedule(model, cfg.optim, state)
-    if state:
-        if not restore_rank_state(Path(resumed_dir), rank, world_size):
-            seed_everything(cfg.optim.seed + step, rank)
-        ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery
+    # The checkpoint in place when storage is local; a copy, removed once loaded, when it is remote.
+    with checkpoint.as_directory() if checkpoint else nullcontext() as resumed:
+        resumed_dir = Path(resumed) if resumed else None
+        state = torch.load(resumed_dir / TRAIN_STATE, weights_only=False) if resumed_dir else None
+        base_dir = resolve_model(cfg.base_model).directory  # each worker fetches the base: nodes share no disk
+        if cfg.method == "full" and resumed_dir:
+            base_dir = str(resumed_dir / "model")
+        adapter_dir = str(resumed_dir / ADAPTER_DIR) if resumed_dir and cfg.method != "full" else None
+        model = trainable_model(
+            base_dir, cfg.method, cfg.lora, device, cfg.gradient_checkpointing, adapter_dir, cfg.quantize_experts
+        )
+        # A 4-bit model is placed on its device at load time; moving it again is not supported.
+        model = ray.train.torch.prepare_model(model, move_to_device=cfg.method != "qlora")
+        optimizer, scheduler, step, cursor = optimizer_and_schedule(model, cfg.optim, state)
+        if state:
+            if not restore_rank_state(resumed_dir, rank, world_size):
+                seed_everything(cfg.optim.seed + step, rank)
+            ray.train.report({"step": step, "resumed_from_step": step})  # the controller measures the recovery
 
     schedule = GlobalBatchSchedule(len(train), cfg.optim.global_batch_size, cfg.optim.seed, cursor)
     grad_accum = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * world_size)  # elastic-safe
@@ -173,7 +183,9 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
             for i in range(0, len(mine), micro)
         ]
         assert len(micro_batches) == grad_accum, f"{len(micro_batches)} micro-batches, expected {grad_accum}"
-        loss_share, aux_loss = accumulate_gradients(model, micro_batches, global_tokens, world_size, aux_coef)
+        loss_share, aux_loss = accumulate_gradients(
+            model, micro_batches, global_tokens, world_size, aux_coef, cfg.scaling.autocast_bf16
+        )
         window_tokens += sum(len(train[j].input_ids) for j in global_batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
