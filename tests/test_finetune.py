@@ -217,12 +217,22 @@ def test_full_finetuning_on_ray_trains_every_weight_and_registers(ray_session, r
 
 
 @pytest.mark.slow
-def test_finetuning_resumes_by_run_name(ray_session, registered_base, strata_home):
+def test_finetuning_resumes_by_run_name_on_the_base_version_it_began_with(
+    ray_session, registered_base, tiny_base, strata_home
+):
+    """The base is `@stable`; the alias moves to a new version between the two runs, and the resumed run goes on
+    from (and records) the version its adapter was trained against."""
     train_file = strata_home / "sft.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     quick = dict(run_name="resume-me", sample_prompts=[])  # no generation: this test is about the steps
     first = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=10, **quick))
+    with tracking.start_run("bases", "tiny-base", {}):
+        moved_to = registry.log_model(tiny_base, "strata-test-base").version
+    registry.set_alias("strata-test-base", "stable", moved_to)
     second = run_finetuning(finetune_config(registered_base, "lora", train_file, max_steps=20, **quick))
     assert second.run_id == first.run_id
-    steps = [m.step for m in MlflowClient(tracking.tracking_uri()).get_metric_history(first.run_id, "loss")]
+    client = MlflowClient(tracking.tracking_uri())
+    steps = [m.step for m in client.get_metric_history(first.run_id, "loss")]
     assert sorted(steps) == [5, 10, 15, 20]  # steps 1-10 were not trained again
+    registered = client.get_model_version("strata-test-sft", second.registered_version)
+    assert str(moved_to) != "1" and registered.tags["base_model_version"] == "1"

@@ -17,8 +17,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from strata import tracking
-from strata.config import ConfigError
+from strata.config import ConfigError, PromotionGates
 from strata.config.tune import REPORTED_METRICS, load_tune_config
+from strata.release.promotion import lineage_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,6 +143,10 @@ def test_asha_stops_the_poor_trial_nests_trials_in_mlflow_and_registers_the_best
     assert version.tags["strata.param.optim.lr"] == "0.01"
     assert float(version.tags["eval_loss"]) == pytest.approx(result.best["eval_loss"])
     assert not client.get_registered_model("strata-tune-test").aliases  # registered, never promoted
+    # ... and promotable: the release workflow's lineage gate finds the base version and the data it was tuned on.
+    gate = lineage_gate(client, version, PromotionGates())
+    assert gate.passed, gate.detail
+    assert version.tags["base_model_version"] == "1" and version.tags["strata.method"] == "lora"
 
 
 @pytest.mark.slow

@@ -114,13 +114,14 @@ def resolve_uri(model: str) -> str:
 class ResolvedModel:
     directory: str  # a local transformers directory, or a hub id
     tags: dict[str, str]  # what a model derived from it (a fine-tune) records about it
+    pinned: str  # the same model by a name that cannot move (`models:/NAME/VERSION` for an alias or `latest`)
 
 
 def resolve_model(spec: str) -> ResolvedModel:
     """A model from the registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest`) downloaded to
     a local directory; a local directory or a hub id is taken as it is."""
     if not spec.startswith("models:/"):
-        return ResolvedModel(spec, {"base_model": spec})
+        return ResolvedModel(spec, {"base_model": spec}, spec)
     name, _, ref = spec.removeprefix("models:/").partition("@")
     client = MlflowClient()
     if ref:
@@ -133,17 +134,28 @@ def resolve_model(spec: str) -> ResolvedModel:
                 raise ValueError(f"registered model {name!r} has no versions")
             version = str(max(int(v.version) for v in versions))
         client.get_model_version(name, version)  # fails clearly if it does not exist
-    return ResolvedModel(
-        str(download_model(f"models:/{name}/{version}")),
-        {"base_model": name, "base_model_version": str(version)},
-    )
+    pinned = f"models:/{name}/{version}"
+    return ResolvedModel(str(download_model(pinned)), {"base_model": name, "base_model_version": str(version)}, pinned)
+
+
+def recorded_base(spec: str, recorded: dict[str, str]) -> str:
+    """The base a run goes on with: `spec`, unless it names a registry alias or `latest` of the model the run
+    recorded (`recorded`: its tags, as `ResolvedModel.tags` gave them when it began). The alias may have moved
+    since, and a resumed run must keep the weights its checkpoints were trained against: then the recorded
+    version."""
+    name, _, alias = spec.removeprefix("models:/").partition("@")
+    name, _, ref = name.partition("/")
+    movable = spec.startswith("models:/") and (bool(alias) or ref == "latest")
+    if movable and recorded.get("base_model") == name and recorded.get("base_model_version"):
+        return f"models:/{name}/{recorded['base_model_version']}"
+    return spec
 
 
 @dataclass(frozen=True)
 class FineTune:
     """A registered LoRA or QLoRA fine-tune, as its run recorded it: the base version and the adapter it trained."""
 
-    base: str  # models:/NAME/VERSION
+    base: str  # models:/NAME/VERSION, or the directory or hub id it was trained on
     adapter: str  # runs:/RUN_ID/adapter
     method: str  # lora or qlora
 
@@ -163,7 +175,8 @@ def fine_tune_of(spec: str) -> FineTune | None:
     tags = version.tags
     if tags.get("strata.job") != "finetune" or tags.get("strata.method") not in ("lora", "qlora"):
         return None
-    base = f"models:/{tags['base_model']}/{tags['base_model_version']}"
+    version_of_base = tags.get("base_model_version")  # none for a base directory or hub id
+    base = f"models:/{tags['base_model']}/{version_of_base}" if version_of_base else tags["base_model"]
     return FineTune(base, f"runs:/{version.run_id}/adapter", tags["strata.method"])
 
 

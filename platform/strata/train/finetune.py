@@ -60,9 +60,11 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
     init_ray()  # joins the cluster (or starts a local one) only once the inputs are known to be good
     run_name = cfg.resolved_run_name
     cpu = torch.device("cpu")
-    base_model = trainable_model(base.directory, "full", cfg.lora, cpu)
-    base_samples = sample_outputs(base_model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
-    del base_model
+    base_samples = []
+    if cfg.sample_prompts:  # the base's own answers, beside the fine-tune's at the end
+        base_model = trainable_model(base.directory, "full", cfg.lora, cpu)
+        base_samples = sample_outputs(base_model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
+        del base_model
 
     tags = {
         "strata.job": "finetune",
@@ -162,12 +164,20 @@ class FinetuneInputs:
     loop_config: dict
 
 
+def base_of_run(cfg: FinetuneConfig) -> str:
+    """The base to train on: the version this run recorded when it began, if it did (`registry.recorded_base`)."""
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    run_id = experiment and tracking.find_run(experiment.experiment_id, cfg.resolved_run_name)
+    return registry.recorded_base(cfg.base_model, mlflow.MlflowClient().get_run(run_id).data.tags if run_id else {})
+
+
 def finetune_inputs(cfg: FinetuneConfig, tracking_uri: str) -> FinetuneInputs:
-    base = resolve_model(cfg.base_model)
+    base = resolve_model(base_of_run(cfg))
     tokenizer = AutoTokenizer.from_pretrained(base.directory)
     dataset = load_sft_dataset(cfg.data, tokenizer)
     loop_config = {
-        "config": cfg.model_dump(mode="json"),
+        # Workers, and the worker groups Ray Train restarts, load the very version the driver resolved.
+        "config": cfg.model_copy(update={"base_model": base.pinned}).model_dump(mode="json"),
         "tracking_uri": tracking_uri,
         "train": dataset.train,
         "eval": dataset.eval,

@@ -30,6 +30,7 @@ from strata.tune.progress import SweepProgress
 from strata.tune.trial import SWEEP_TAG, TRIAL_TAG, SweepContext, run_trial, trial_run_name
 
 REGISTERED_TAG = "strata.registered_version"
+LINEAGE_TAGS = ("base_model", "base_model_version", "strata.dataset_hash", "strata.method")  # from the trial's run
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def stop_reason(result, max_steps: int) -> str:
 
 def run_sweep(tune: TuneConfig, base_tree: dict[str, Any], console: Console | None = None) -> SweepResult:
     console = console or Console(stderr=True)
-    uri = tracking.use_store()
+    uri = tracking.use_store(base_tree.get("tracking", {}).get("tracking_uri"))
     init_ray()
     params = {
         "job": tune.job,
@@ -132,6 +133,8 @@ def run_sweep(tune: TuneConfig, base_tree: dict[str, Any], console: Console | No
         tune.experiment, tune.name, params, tags={"strata.job": "tune"}, kind=kind, artifact_location=artifacts
     ) as parent:
         console.print(f"sweep {tune.name}: MLflow parent run {parent.info.run_id} in {uri}")
+        if tune.job == "finetune":
+            base_tree = {**base_tree, "base_model": pinned_base(base_tree["base_model"], parent.info.run_id)}
         context = SweepContext(tune, base_tree, uri, parent.info.run_id)
         grid = make_tuner(tune, context).fit()
         rows = []
@@ -152,6 +155,16 @@ def run_sweep(tune: TuneConfig, base_tree: dict[str, Any], console: Console | No
         _record_sweep(tune, base_tree, rows, best, trial_steps)
         version = _register_best(tune, base_tree, best, parent) if best and tune.registered_model else None
     return SweepResult(parent.info.run_id, rows, best, trial_steps, version)
+
+
+def pinned_base(spec: str, parent_run_id: str) -> str:
+    """One base version for every trial, and for a restored sweep's too, however its alias moves meanwhile: the
+    version the parent run recorded when the sweep began (`registry.recorded_base`)."""
+    client = MlflowClient()
+    base = registry.resolve_model(registry.recorded_base(spec, client.get_run(parent_run_id).data.tags))
+    for key, value in base.tags.items():
+        client.set_tag(parent_run_id, key, value)
+    return base.pinned
 
 
 def _record_sweep(tune: TuneConfig, base_tree: dict, rows: list[dict], best: dict | None, trial_steps: int) -> None:
@@ -187,14 +200,16 @@ def _register_best(tune: TuneConfig, base_tree: dict, best: dict, parent) -> str
     cfg = tune.schema.model_validate(
         trial_tree(tune, base_tree, best["params"], trial_run_name(tune.name, best["trial"]))
     )
+    experiment_id = mlflow.get_experiment_by_name(tune.experiment).experiment_id
+    best_run = tracking.find_run(experiment_id, cfg.run_name)
+    lineage = {k: v for k, v in MlflowClient().get_run(best_run).data.tags.items() if k in LINEAGE_TAGS}
     tags = {
         SWEEP_TAG: tune.name,
         TRIAL_TAG: best["trial"],
         tune.metric: str(best[tune.metric]),
         **{f"strata.param.{k}": str(v) for k, v in best["params"].items()},
+        **lineage,
     }
-    experiment_id = mlflow.get_experiment_by_name(tune.experiment).experiment_id
-    best_run = tracking.find_run(experiment_id, cfg.run_name)
     with (
         ray.train.Checkpoint(best["checkpoint"]).as_directory() as checkpoint,
         tempfile.TemporaryDirectory() as export_dir,
@@ -207,15 +222,23 @@ def _register_best(tune: TuneConfig, base_tree: dict, best: dict, parent) -> str
 
 
 def export_model(job: str, cfg, checkpoint: Path, export_dir: Path) -> Path:
-    """A trial's trained model as a plain transformers directory (an adapter merged into its base)."""
-    if job == "pretrain" or cfg.method == "full":
+    """A trial's trained model as a transformers directory with its tokenizer, as the job's own driver exports it
+    (a pretraining checkpoint already is one; an adapter is merged into its base)."""
+    if job == "pretrain":
         return checkpoint / "model"
+    import torch
     from transformers import AutoTokenizer
 
-    from strata.models.adapters import ADAPTER_DIR, merged_model
+    from strata.data.tokenizer import stop_token_ids
+    from strata.models.adapters import ADAPTER_DIR, merged_model, trainable_model
 
     base = registry.resolve_model(cfg.base_model)
-    merged = merged_model(base.directory, cfg.method, str(checkpoint / ADAPTER_DIR), cfg.quantize_experts)
-    merged.save_pretrained(export_dir)
-    AutoTokenizer.from_pretrained(base.directory).save_pretrained(export_dir)
+    if cfg.method == "full":
+        model = trainable_model(str(checkpoint / "model"), "full", cfg.lora, torch.device("cpu"))
+    else:
+        model = merged_model(base.directory, cfg.method, str(checkpoint / ADAPTER_DIR), cfg.quantize_experts)
+    tokenizer = AutoTokenizer.from_pretrained(base.directory)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
+    model.save_pretrained(export_dir)
+    tokenizer.save_pretrained(export_dir)
     return export_dir

@@ -8,9 +8,11 @@ A restored sweep re-runs unfinished trials with their old trial ids, so their Tr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import mlflow
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -60,24 +62,26 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     tags = {"mlflow.parentRunId": context.parent_run_id, SWEEP_TAG: tune.name, TRIAL_TAG: trial_id}
     kind = tracking.FINETUNING if tune.job == "finetune" else tracking.PRETRAINING
     with tracking.start_run(tune.experiment, run_name, tracking.flatten(cfg), tags=tags, kind=kind) as run:
-        train_fn, loop_config = worker_inputs(tune.job, cfg, context.tracking_uri)
+        train_fn, loop_config, lineage = worker_inputs(tune.job, cfg, context.tracking_uri)
+        mlflow.set_tags(lineage)  # what promotion's lineage gate reads from the registered best trial's run
         callbacks = [MetricReportCallback(tune.metric), MlflowMetricsCallback(context.tracking_uri, run.info.run_id)]
         make_trainer(cfg, train_fn, loop_config, callbacks, run_name).fit()
 
 
-def worker_inputs(job: str, cfg, tracking_uri: str):
-    """The worker loop and its `train_loop_config`, exactly as the job's own driver builds them; the data is
-    logged to the active MLflow run as the driver does."""
+def worker_inputs(job: str, cfg, tracking_uri: str) -> tuple[Callable, dict, dict[str, str]]:
+    """The worker loop, its `train_loop_config` and the run's lineage tags, exactly as the job's own driver builds
+    them; the data is logged to the active MLflow run as the driver does."""
     if job == "finetune":
         from strata.train.finetune import finetune_inputs
         from strata.train.sft_loop import finetune_loop_per_worker
 
         inputs = finetune_inputs(cfg, tracking_uri)
         tracking.log_sft_data(inputs.dataset)
-        return finetune_loop_per_worker, inputs.loop_config
-    from strata.train.pretrain import pretrain_loop_config
+        lineage = {"strata.method": cfg.method, "strata.dataset_hash": inputs.dataset.dataset_hash, **inputs.base.tags}
+        return finetune_loop_per_worker, inputs.loop_config, lineage
+    from strata.train.pretrain import lineage_tags, pretrain_loop_config
     from strata.train.pretrain_loop import train_loop_per_worker
 
     loop_config, data = pretrain_loop_config(cfg)
     tracking.log_packed_data(cfg.data.name, data)
-    return train_loop_per_worker, loop_config
+    return train_loop_per_worker, loop_config, lineage_tags(cfg, data)
