@@ -36,15 +36,16 @@ class SweepContext:
 
 
 class MetricReportCallback(TuneReportCallback):
-    """Forwards to Tune only the reports that carry the sweep's metric (evaluations and checkpoints). Tune rejects
-    a report without it, and the job also reports progress between evaluations, and a resume."""
+    """Forwards to Tune only the checkpointed reports that carry the sweep's metric, every `report_every_steps`:
+    the scheduler's decision points. Tune rejects a report without the metric, and a trial stopped at a report
+    without a checkpoint (pretraining logs `loss` between checkpoints) would leave nothing to register."""
 
     def __init__(self, metric: str):
         super().__init__()
         self.metric = metric
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if self.metric in metrics[0]:
+        if checkpoint is not None and self.metric in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
 
 
