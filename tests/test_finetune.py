@@ -8,12 +8,13 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from strata import registry, tracking
-from strata.config import FinetuneConfig, LoraSettings, OptimConfig
+from strata import cli, registry, tracking
+from strata.config import ConfigError, FinetuneConfig, LoraSettings, OptimConfig
 from strata.models.adapters import ADAPTER_DIR, merged_model, save_trained, trainable_model
 from strata.models.quantized_experts import QuantizedExpertWeight
 from strata.paths import exists
@@ -108,6 +109,28 @@ def finetune_config(base_uri: str, method: str, train_file: Path, max_steps: int
             **extra,
         }
     )
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [
+        ("models:/strata-test-base@nope", r"base_model: models:/strata-test-base@nope: .*nope"),
+        ("models:/no-such-model/1", r"base_model: models:/no-such-model/1: "),
+        ("models:/strata-test-base", r"base_model: models:/strata-test-base: name a version, an alias or latest"),
+    ],
+)
+def test_a_base_the_registry_lacks_is_a_config_error_naming_base_model(
+    registered_base, strata_home, base, message, capsys
+):
+    """Before any Ray work: the CLI exits 2 with the field, not an MLflow traceback."""
+    train_file = strata_home / "sft.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    config = strata_home / "job.yaml"
+    config.write_text(yaml.safe_dump(finetune_config(base, "lora", train_file, max_steps=4).model_dump(mode="json")))
+    with pytest.raises(ConfigError, match=message):
+        run_finetuning(finetune_config(base, "lora", train_file, max_steps=4))
+    assert cli.main(["finetune", "--config", str(config)]) == 2
+    assert "base_model: " in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -117,6 +118,10 @@ class ResolvedModel:
     pinned: str  # the same model by a name that cannot move (`models:/NAME/VERSION` for an alias or `latest`)
 
 
+class ModelNotFound(LookupError):
+    """A `models:/` spec that names no registered version (the caller says which field gave it)."""
+
+
 def resolve_model(spec: str) -> ResolvedModel:
     """A model from the registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME/latest`) downloaded to
     a local directory; a local directory or a hub id is taken as it is."""
@@ -124,16 +129,21 @@ def resolve_model(spec: str) -> ResolvedModel:
         return ResolvedModel(spec, {"base_model": spec}, spec)
     name, _, ref = spec.removeprefix("models:/").partition("@")
     client = MlflowClient()
-    if ref:
-        version = client.get_model_version_by_alias(name, ref).version
-    else:
-        name, _, version = name.partition("/")
-        if version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ValueError(f"registered model {name!r} has no versions")
-            version = str(max(int(v.version) for v in versions))
-        client.get_model_version(name, version)  # fails clearly if it does not exist
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref).version
+        else:
+            name, _, version = name.partition("/")
+            if not version:
+                raise ModelNotFound(f"{spec}: name a version, an alias or latest (models:/{name}/1, @stable, /latest)")
+            if version == "latest":
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise ModelNotFound(f"{spec}: registered model {name!r} has no versions")
+                version = str(max(int(v.version) for v in versions))
+            client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ModelNotFound(f"{spec}: {err.message}") from None
     pinned = f"models:/{name}/{version}"
     return ResolvedModel(str(download_model(pinned)), {"base_model": name, "base_model_version": str(version)}, pinned)
 

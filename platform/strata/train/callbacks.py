@@ -20,10 +20,9 @@ class MlflowMetricsCallback(UserCallback):
     (`ray_strata_train_*`).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, step_key: str = "step"):
+    def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.step_key = step_key
         self.failed_at: float | None = None
         self.failures = 0
 
@@ -37,12 +36,12 @@ class MlflowMetricsCallback(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         reported = metrics[0]
-        step = int(reported.get(self.step_key, 0))
+        step = int(reported.get("step", 0))
         now = time.time()
         batch = [
             Metric(key, float(value), int(now * 1000), step)
             for key, value in reported.items()
-            if key != self.step_key and isinstance(value, (int, float))
+            if key != "step" and isinstance(value, (int, float))
         ]
         if "resumed_from_step" in reported:
             batch += self._recovery_metrics(int(reported["resumed_from_step"]), now, step)

@@ -17,11 +17,11 @@ from rich.console import Console
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from strata import registry, tracking
-from strata.config import FinetuneConfig, dump_config
+from strata.config import ConfigError, FinetuneConfig, dump_config
 from strata.data.sft import SFTDataset, load_sft_dataset
 from strata.data.tokenizer import stop_token_ids
 from strata.models.adapters import ADAPTER_DIR, merged_model, parameter_counts, trainable_model
-from strata.registry import ResolvedModel, generate_text, resolve_model
+from strata.registry import ModelNotFound, ResolvedModel, generate_text, resolve_model
 from strata.runtime import init_ray
 from strata.train.callbacks import MlflowMetricsCallback
 from strata.train.sft_loop import finetune_loop_per_worker
@@ -172,7 +172,10 @@ def base_of_run(cfg: FinetuneConfig) -> str:
 
 
 def finetune_inputs(cfg: FinetuneConfig, tracking_uri: str) -> FinetuneInputs:
-    base = resolve_model(base_of_run(cfg))
+    try:
+        base = resolve_model(base_of_run(cfg))
+    except ModelNotFound as err:
+        raise ConfigError(f"base_model: {err}") from None
     tokenizer = AutoTokenizer.from_pretrained(base.directory)
     dataset = load_sft_dataset(cfg.data, tokenizer)
     loop_config = {

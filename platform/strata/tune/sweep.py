@@ -23,6 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rich.console import Console
 
 from strata import registry, tracking
+from strata.config import ConfigError
 from strata.config.tune import Distribution, TuneConfig, trial_tree
 from strata.paths import resolve
 from strata.runtime import init_ray
@@ -161,7 +162,10 @@ def pinned_base(spec: str, parent_run_id: str) -> str:
     """One base version for every trial, and for a restored sweep's too, however its alias moves meanwhile: the
     version the parent run recorded when the sweep began (`registry.recorded_base`)."""
     client = MlflowClient()
-    base = registry.resolve_model(registry.recorded_base(spec, client.get_run(parent_run_id).data.tags))
+    try:
+        base = registry.resolve_model(registry.recorded_base(spec, client.get_run(parent_run_id).data.tags))
+    except registry.ModelNotFound as err:
+        raise ConfigError(f"base_model: {err}") from None
     for key, value in base.tags.items():
         client.set_tag(parent_run_id, key, value)
     return base.pinned
