@@ -175,6 +175,21 @@ def test_logprobs_are_the_models_own_for_greedy_and_sampled_tokens(model_and_tok
                 assert logprob.token == int(position.argmax())
 
 
+def test_the_cumulative_logprob_counts_the_eos_that_ended_a_request(model_and_tokenizer):
+    """best_of ranks by it: a candidate that ends at once has paid for its EOS, so it does not score a perfect 0."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    eos = min(engine.eos_token_ids)
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    [ended] = run_engine(engine, [(PROMPTS[0], SamplingParams(8, 0.0, logit_bias={eos: 100.0}, logprobs=0))])
+    last = ended.outputs[-1]
+    assert (last.finish_reason, last.completion_tokens, reported(ended)) == ("stop", 0, [])
+    expected = model_logprobs(model, ids)[-1][eos].item()  # the model's own, before the bias
+    assert expected < 0 and last.cumulative_logprob == pytest.approx(expected, abs=1e-4)
+    [running] = run_engine(engine, [(PROMPTS[0], SamplingParams(6, 0.0, logprobs=0))])
+    assert running.outputs[-1].cumulative_logprob == pytest.approx(sum(t.logprob for t in reported(running)))
+
+
 def test_logit_bias_forces_and_bans_tokens(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)

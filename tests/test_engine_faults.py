@@ -152,6 +152,25 @@ def test_an_engine_failure_is_counted_as_an_error_not_a_cancellation(model_serve
     assert failed["status"] == 503 and "generation failed" in failed["error"]
     assert model_server.engine.failure
     assert model_server.finish_reasons == {finished: 1, "error": 1}
+    [refused] = generate(model_server, PROMPTS[0], 4)  # until Serve replaces the replica: a 503, not a 500
+    assert refused["status"] == 503 and "stopped after a failure" in refused["error"]
+
+
+def test_a_failed_engine_loop_takes_no_new_request_from_the_healthy_one(tiny_base):
+    from strata.serve.model_server import ModelServer
+
+    variant = {"name": "stable", "model": str(tiny_base), "engine": {"loops": 2, "torch_threads": 1}}
+    server = ModelServer.func_or_class("strata-tiny", variant, None)
+    try:
+        attention = server.engine.model.model.layers[0].self_attn
+        q_proj, attention.q_proj = attention.q_proj, torch.nn.Linear(3, 3)  # a transient fault: one loop meets it
+        [failed] = generate(server, PROMPTS[0], 4)
+        assert failed["status"] == 503 and server.engine.failure
+        attention.q_proj = q_proj
+        for _ in range(3):
+            assert generate(server, PROMPTS[0], 4)[-1]["finish_reason"] == "length"  # all on the healthy loop
+    finally:
+        server.engine.stop()
 
 
 def test_metrics_that_raise_fail_no_request(model_server, tiny_base):

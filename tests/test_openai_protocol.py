@@ -379,6 +379,8 @@ def test_best_of_returns_the_candidates_with_the_highest_logprob(served):
     """best_of=4, n=2 generates the four candidates that n=4 returns (same seed), and answers the two most likely."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 77}
     candidates = ok(served, "/completions", {**body, "n": 4, "logprobs": 0})
+    # None ended on EOS, whose logprob counts in the score but is never reported: the visible sum is the score.
+    assert {c["finish_reason"] for c in candidates["choices"]} == {"length"}
     ranked = sorted(candidates["choices"], key=lambda c: -sum(c["logprobs"]["token_logprobs"]))
     best = ok(served, "/completions", {**body, "n": 2, "best_of": 4})
     assert [c["text"] for c in best["choices"]] == [c["text"] for c in ranked[:2]]

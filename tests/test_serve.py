@@ -165,6 +165,8 @@ BAD_REQUESTS = [
     # (what, path, body bytes, expected status, expected param or code)
     ("malformed JSON", "/v1/completions", b'{"model": "strata-tiny", "prompt": ', 400, "invalid_json"),
     ("not an object", "/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("nested too deeply", "/v1/completions", b'{"prompt": ' + b"[" * 9_999 + b"]" * 9_999 + b"}", 400, "invalid_json"),
+    ("lone surrogate", "/v1/completions", b'{"model": "strata-tiny", "prompt": "\\ud800"}', 400, "invalid_json"),
     ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model_not_found"),
     ("unknown variant", "/v1/completions", {"model": "strata-tiny:nope", "prompt": "x"}, 404, "model_not_found"),
     (
@@ -181,6 +183,13 @@ BAD_REQUESTS = [
     ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "x", "best_off": 3}, 400, "best_off"),
     ("n over the limit", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 129}, 400, "n"),
     ("no prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
+    (
+        "max_completion_tokens 0",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+    ),
     ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     (
         "bad role",

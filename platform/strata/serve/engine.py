@@ -46,6 +46,7 @@ class Output:
     completion_tokens: int
     error: str | None = None  # why, when finish_reason is "error"
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens generated since the last Output, if the request asked
+    cumulative_logprob: float = 0.0  # of every token sampled so far, an EOS taken off included (best_of ranks by it)
 
 
 Sink = Callable[[Output], None]
@@ -67,6 +68,7 @@ class Sequence:
     generator: torch.Generator | None = None  # the request's own, when it has a seed
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, if asked for
     logprobs_sent: int = 0
+    cumulative_logprob: float = 0.0  # the sum of `logprobs`, the EOS's too
     adapter: str | None = None  # the LoRA adapter its rows decode with, on a peft model serving several
 
     @property
@@ -368,6 +370,7 @@ class Engine:
             sequence.generated.append(token)
             if logprob is not None:
                 sequence.logprobs.append(logprob)
+                sequence.cumulative_logprob += logprob.logprob
         return tokens
 
     def _retire(self) -> None:
@@ -422,7 +425,14 @@ class Engine:
         delta = sequence.text[sequence.emitted_chars : max(ready, sequence.emitted_chars)]
         sequence.emitted_chars += len(delta)
         sequence.sink(
-            Output(delta, finish, len(sequence.prompt_ids), len(sequence.generated), logprobs=sequence.new_logprobs())
+            Output(
+                delta,
+                finish,
+                len(sequence.prompt_ids),
+                len(sequence.generated),
+                logprobs=sequence.new_logprobs(),
+                cumulative_logprob=sequence.cumulative_logprob,
+            )
         )
         return finish
 

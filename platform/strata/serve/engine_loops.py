@@ -72,7 +72,10 @@ class EngineLoops:
             engine.stop()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, adapter: str | None = None) -> int:
-        return min(self.engines, key=Engine.load).submit(prompt_ids, params, sink, adapter)
+        """To the least loaded loop that has not failed (a failed loop is idle, and would take everything until
+        the health check replaces the replica); with every loop failed, the first says why (RuntimeError)."""
+        healthy = [engine for engine in self.engines if not engine.failure] or self.engines[:1]
+        return min(healthy, key=Engine.load).submit(prompt_ids, params, sink, adapter)
 
     def cancel(self, request_id: int) -> None:
         """Request ids are unique across loops: only the one holding it acts."""

@@ -254,6 +254,9 @@ class ModelServer:
                     except ValueError as err:  # more than this replica's KV cache can ever hold
                         yield _bad_request(str(err), "max_tokens", "context_length_exceeded")
                         return
+                    except RuntimeError as err:  # every loop has failed: the health check replaces this replica
+                        yield {"error": str(err), "status": 503, "code": "server_error"}
+                        return
                     choices[index] = _Choice(
                         request_id, self.echo(request, prompt_index, ids), params.logprobs is not None
                     )
@@ -281,6 +284,8 @@ class ModelServer:
                     choices[index].completion_tokens = output.completion_tokens
                     if chunk["logprobs"] is not None:
                         chunk["logprobs"] += [choices[index].token(self.token_bytes, t) for t in output.logprobs]
+                    if not paced:  # for `complete`'s best_of
+                        chunk["cumulative_logprob"] = output.cumulative_logprob
                     if output.finish_reason and output.completion_tokens > 1:
                         per_token = (time.perf_counter() - first_at) / (output.completion_tokens - 1)
                         guard(self.tpot.observe, per_token)
@@ -334,7 +339,7 @@ class ModelServer:
         (`ttft_s`) and the time it all took (`seconds`).
 
         Non-streaming requests take this path: one round trip from the router instead of a stream of chunks."""
-        started, choices, last = time.perf_counter(), {}, {}
+        started, choices, scores, last = time.perf_counter(), {}, {}, {}
         async for chunk in self.generate(request, paced=False):
             if "error" in chunk:
                 return chunk
@@ -344,9 +349,10 @@ class ModelServer:
             choice["finish_reason"] = chunk["finish_reason"]
             if chunk["logprobs"] is not None:
                 choice["logprobs"] += chunk["logprobs"]
+            scores[chunk["index"]] = chunk["cumulative_logprob"]
             last = chunk
         return {
-            "choices": best_of(sorted(choices.values(), key=lambda c: c["index"]), request),
+            "choices": best_of(sorted(choices.values(), key=lambda c: c["index"]), scores, request),
             "prompt_tokens": last["prompt_tokens"],
             "completion_tokens": last["completion_tokens"],  # of all candidates: each was generated
             "ttft_s": last["ttft_s"],
@@ -384,15 +390,16 @@ class _Choice:
         return {"bytes": raw, "logprob": logprob.logprob, "top": top, "offset": offset}
 
 
-def best_of(choices: list[dict[str, Any]], request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The n of each prompt's best_of candidates with the highest cumulative logprob (as vLLM ranks them), best
-    first, numbered prompt_index * n + i; their logprobs only if the client asked for them."""
+def best_of(choices: list[dict[str, Any]], scores: dict[int, float], request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The n of each prompt's best_of candidates with the highest cumulative logprob (`scores`, by index: of every
+    token sampled, the EOS that ended a candidate included, as vLLM ranks them), best first, numbered
+    prompt_index * n + i; their logprobs only if the client asked for them."""
     n, candidates = request["n"], request["best_of"]
     if candidates == n:
         return choices
     kept = []
     for first in range(0, len(choices), candidates):
-        ranked = sorted(choices[first : first + candidates], key=lambda c: -sum(t["logprob"] for t in c["logprobs"]))
+        ranked = sorted(choices[first : first + candidates], key=lambda c: -scores[c["index"]])
         for i, choice in enumerate(ranked[:n]):
             logprobs = choice["logprobs"] if request["logprobs"] is not None else None
             kept.append({**choice, "index": first // candidates * n + i, "logprobs": logprobs})

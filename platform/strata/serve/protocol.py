@@ -223,6 +223,12 @@ def parse_request(schema: type[_Request], raw: bytes) -> _Request:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
+    try:
+        json.dumps(payload, ensure_ascii=False).encode()  # JSON may escape a lone UTF-16 surrogate; no text holds one
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"the request body holds a lone UTF-16 surrogate: {err}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     for name, why in NOT_SUPPORTED.items():
@@ -243,8 +249,9 @@ def parse_request(schema: type[_Request], raw: bytes) -> _Request:
 
 
 def max_tokens_of(request: _Request, default: int, limit: int) -> int:
-    value = getattr(request, "max_completion_tokens", None) or request.max_tokens
-    param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    value, param = getattr(request, "max_completion_tokens", None), "max_completion_tokens"  # the newer name wins
+    if value is None:
+        value, param = request.max_tokens, "max_tokens"
     if value is None:
         return min(default, limit)
     if value <= 0:
