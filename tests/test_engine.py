@@ -250,6 +250,24 @@ def test_a_seed_samples_the_same_tokens_whatever_shares_the_batch(model_and_toke
     assert alone.text != reference(model, tokenizer, PROMPTS[0], 16)  # it did sample
 
 
+def test_stopping_the_engine_answers_what_it_still_holds(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    running, waiting = Collector(), Collector()
+    for collector in (running, waiting):
+        engine.submit(ids, SamplingParams(50, 0.0), collector)
+    loop = threading.Thread(target=engine.run)
+    loop.start()
+    engine.stop()  # between two steps at the latest: 50 tokens take more than one
+    loop.join(timeout=60)
+    for collector in (running, waiting):
+        assert collector.done.is_set() and collector.outputs[-1].finish_reason == "error"
+        assert "stopped" in collector.outputs[-1].error
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit(ids, SamplingParams(4, 0.0), Collector())
+
+
 def test_cancel_frees_the_slot(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, max_batch_size=1)

@@ -124,12 +124,17 @@ def model_server(tiny_base):
     server.engine.stop()
 
 
-def generate(server, prompt: str, max_tokens: int) -> list[dict]:
-    """All chunks of one completion; an exception raised mid-stream is returned as the last item."""
-    from strata.serve.protocol import CompletionRequest
+def generate(server, prompt: str | list[dict], max_tokens: int) -> list[dict]:
+    """All chunks of one completion (a chat completion, given messages); an exception raised mid-stream is returned
+    as the last item."""
+    from strata.serve.protocol import ChatCompletionRequest, CompletionRequest
     from strata.serve.router import engine_request
 
-    request = engine_request(CompletionRequest(model="strata-tiny", prompt=prompt, temperature=0), max_tokens)
+    if isinstance(prompt, list):
+        body = ChatCompletionRequest(model="strata-tiny", messages=prompt, temperature=0)
+    else:
+        body = CompletionRequest(model="strata-tiny", prompt=prompt, temperature=0)
+    request = engine_request(body, max_tokens)
 
     async def collect() -> list:
         chunks = []
@@ -171,6 +176,23 @@ def test_a_failed_engine_loop_takes_no_new_request_from_the_healthy_one(tiny_bas
             assert generate(server, PROMPTS[0], 4)[-1]["finish_reason"] == "length"  # all on the healthy loop
     finally:
         server.engine.stop()
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_and_developer_is_system(model_server):
+    """Templates may check a conversation (Qwen3's raises "No user query found"): the client's error, not ours."""
+    template = model_server.tokenizer.chat_template
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert generate(model_server, messages, 2)[-1]["finish_reason"] == "length"
+    model_server.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role not in ('system', 'user') %}{{ raise_exception('bad role ' + m.role) }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    assert generate(model_server, messages, 2)[-1]["finish_reason"] == "length"  # developer reached it as system
+    model_server.tokenizer.chat_template = "{{ raise_exception('No user query found in messages.') }}"
+    [refused] = generate(model_server, messages, 2)
+    assert refused["status"] == 400 and refused["param"] == "messages" and "No user query" in refused["error"]
+    model_server.tokenizer.chat_template = template
+    assert generate(model_server, messages, 2)[-1]["finish_reason"] == "length"  # and it serves on
 
 
 def test_metrics_that_raise_fail_no_request(model_server, tiny_base):

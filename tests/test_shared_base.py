@@ -15,6 +15,7 @@ from strata.models.adapters import merged_model
 from strata.models.cpu_features import cpu_instructions
 from strata.serve.engine import Engine, SamplingParams
 from strata.serve.engine_loops import EngineLoops
+from strata.serve.replica_groups import group_base
 from strata.serve.shared_base import SharedBase
 
 FP32 = EngineSettings(dtype="float32")  # compared token for token with fp32 references
@@ -183,6 +184,10 @@ def test_registered_lora_and_qlora_fine_tunes_share_their_recorded_base(tiny_bas
     )
     assert shared.adapter_of == {"tuned": "tuned", "stable": "__base__"}
     assert shared.info["tuned"]["base"] == base and shared.info["tuned"]["adapter"].endswith("/adapter")
+    members = [VariantConfig(name="tuned", model=tuned, replica_group="g", engine=FP32)]
+    assert group_base(members) == base  # what `strata add-variant --adapter` puts the new adapter on
+    shared.add(VariantConfig(name="added", model=group_base(members), adapter=str(adapters["b"]), engine=FP32))
+    assert shared.adapter_of["added"] == "added"
     engine = Engine(shared.model, shared.tokenizer, adapters=shared.adapters)
     collector = Collector()
     engine.submit(

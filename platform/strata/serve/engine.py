@@ -75,11 +75,13 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
 
-    def new_logprobs(self) -> tuple[TokenLogprob, ...]:
-        """The logprobs not yet sent, of tokens still in `generated` (an EOS taken off it is never reported)."""
+    def output(self, text: str, finish: str | None) -> Output:
+        """New text, with the logprobs not yet sent, of tokens still in `generated` (an EOS taken off it is never
+        reported, though the cumulative logprob counts it)."""
         fresh = tuple(self.logprobs[self.logprobs_sent : len(self.generated)])
         self.logprobs_sent += len(fresh)
-        return fresh
+        tokens = len(self.prompt_ids), len(self.generated)
+        return Output(text, finish, *tokens, logprobs=fresh, cumulative_logprob=self.cumulative_logprob)
 
 
 @dataclass
@@ -223,8 +225,10 @@ class Engine:
                 with self._lock:
                     while not (self._stopped or self._waiting or self.rows or self._cancelled):
                         self._lock.wait()
-                    if self._stopped:
-                        return
+                    stopped = self._stopped
+                if stopped:  # what is still waiting or running gets an answer, and nothing more is taken
+                    self._fail_all(RuntimeError("the engine was stopped"))
+                    return
                 try:
                     with self.model_lock:
                         self.step()
@@ -424,16 +428,7 @@ class Engine:
             ready -= max((len(s) - 1 for s in params.stop), default=0)
         delta = sequence.text[sequence.emitted_chars : max(ready, sequence.emitted_chars)]
         sequence.emitted_chars += len(delta)
-        sequence.sink(
-            Output(
-                delta,
-                finish,
-                len(sequence.prompt_ids),
-                len(sequence.generated),
-                logprobs=sequence.new_logprobs(),
-                cumulative_logprob=sequence.cumulative_logprob,
-            )
-        )
+        sequence.sink(sequence.output(delta, finish))
         return finish
 
     def _detokenize(self, sequence: Sequence, final: bool) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from jinja2 import TemplateError
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -84,7 +85,7 @@ class ModelServer:
         self.observer_errors = ObservabilityErrors()
         self.experts = ExpertLoadRecorder(model, on_error=self.observer_errors.record)
         self._unreported_tokens, self._reported_errors, self._next_report = 0, 0, 0.0
-        self.streams = 0  # requests being streamed now
+        self.streams = 0  # choices being streamed now (each pass sends one chunk per choice)
         self.finish_reasons: collections.Counter[str] = collections.Counter()  # requests ended, by how
         self.engine = EngineLoops(
             model,
@@ -120,14 +121,14 @@ class ModelServer:
         self.engine.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the adapters of the group's members it does not serve yet, between two engine steps."""
+        """Load the adapters of the group's members it does not serve yet; each is spliced in between two engine
+        steps, once downloaded."""
         if not self.shared:
             raise ValueError("only a replica group's server takes a user_config (its `variants`)")
         for variant in user_config.get("variants", []):
             variant = VariantConfig.model_validate(variant)
             if variant.name not in self.shared.adapter_of:
-                with self.engine.paused():
-                    on_passing_thread(functools.partial(self.shared.add, variant))
+                on_passing_thread(functools.partial(self.shared.add, variant, splicing=self.engine.paused))
 
     def _record_step(self, stats: StepStats) -> None:
         """Runs on an engine thread after every iteration of one of its loops (one at a time; the stats are the
@@ -219,7 +220,11 @@ class ModelServer:
         An unpaced reader wants whole replies: the engine thread holds each choice's tokens and hands them over once
         it finishes, so no per-token wake-up takes the GIL from the engine loops; its chunks carry `ttft_s`."""
         started = time.perf_counter()
-        prompts = self.prompt_ids(request)
+        try:
+            prompts = self.prompt_ids(request)
+        except TemplateError as err:  # a template that checks the conversation (roles alternating, a user turn)
+            yield _bad_request(f"the model's chat template refuses these messages: {err}", "messages")
+            return
         refusal = self.refusal(prompts, request)
         adapter = None
         if self.shared and not refusal:
@@ -237,8 +242,8 @@ class ModelServer:
         held: list[_Held] = []
         guard = self.observer_errors.guard
         first_at = None
-        if paced:
-            self.streams += 1
+        streamed = len(prompts) * request["best_of"] if paced else 0
+        self.streams += streamed
         try:
             for prompt_index, ids in enumerate(prompts):
                 for candidate in range(request["best_of"]):
@@ -299,8 +304,7 @@ class ModelServer:
                 if paced and any(c.finish_reason is None for c in choices.values()):
                     await asyncio.sleep(self._stream_interval())  # let tokens gather into one chunk
         finally:
-            if paced:
-                self.streams -= 1
+            self.streams -= streamed
             for choice in choices.values():
                 if choice.finish_reason is None:  # the caller went away: free the batch slot
                     self.engine.cancel(choice.request_id)

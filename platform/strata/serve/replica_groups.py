@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
+from strata.serve.adapter_sources import adapter_source
 from strata.serve.deploy import ROUTER, deploy, running_config
 from strata.serve.routing import Split
 
@@ -47,7 +48,7 @@ def add_group_variant(
     known = [v.name for v in [*serve_config.variants, *added]]
     if name in known:
         raise ValueError(f"application {app!r} already has a variant {name!r}")
-    update = {"name": name, "model": model or members[0].model, "adapter": adapter}
+    update = {"name": name, "model": model or group_base(members), "adapter": adapter}
     variant = VariantConfig.model_validate(members[0].model_dump() | update)  # the name's pattern, as in a config
     weights = {**(live.get("weights") or serve_config.initial_weights), name: weight}
     Split(weights, [*known, name])  # refuse bad weights before Serve sees them
@@ -61,3 +62,9 @@ def add_group_variant(
     entry["deployments"] = list(deployments.values())
     deploy(dashboard_url, config)
     return config
+
+
+def group_base(members: list[VariantConfig]) -> str:
+    """The base a replica group's adapters apply to: a member's `model` is the base itself only when it names its
+    adapter; a registered fine-tune's is the fine-tune, whose base its run recorded."""
+    return next(source.base for source in map(adapter_source, members) if source.adapter)

@@ -33,6 +33,7 @@ from strata.serve.windows import Sample, WindowRecorder
 
 VARIANT_HEADER = "x-strata-variant"
 SESSION_HEADER = "x-session-id"
+ROLES = {"developer": "system"}
 
 
 def engine_request(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
@@ -40,7 +41,8 @@ def engine_request(body: CompletionRequest | ChatCompletionRequest, max_tokens: 
     chat = isinstance(body, ChatCompletionRequest)
     return {
         "prompts": None if chat else body.prompts(),
-        "messages": [{"role": m.role, "content": m.text()} for m in body.messages] if chat else None,
+        # OpenAI's `developer` is the newer name of `system`, the role chat templates know.
+        "messages": [{"role": ROLES.get(m.role, m.role), "content": m.text()} for m in body.messages] if chat else None,
         "n": body.n,
         "best_of": body.candidates(),
         "echo": not chat and body.echo,

@@ -12,6 +12,9 @@ greedy tokens (its info says `method: qlora`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -48,14 +51,23 @@ class SharedBase:
         for variant in variants:
             self.add(variant, sources[variant.name])
 
-    def add(self, variant: VariantConfig, source: AdapterSource | None = None) -> None:
-        """Serve one more variant: load its adapter (nothing for the base itself) next to the others."""
+    def add(
+        self,
+        variant: VariantConfig,
+        source: AdapterSource | None = None,
+        splicing: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        """Serve one more variant: load its adapter (nothing for the base itself) next to the others. The registry
+        lookup and the download run first; only splicing the adapter into the model runs inside `splicing` (for a
+        running replica: its engine paused, so decoding stops for the splice alone)."""
         source = source or adapter_source(variant)
         if source.base != self.base_spec and resolve_model(source.base).tags != self.resolved.tags:
             raise ValueError(
                 f"variant {variant.name!r} is built on {source.base}, not on its replica group's base {self.base_spec}"
             )
-        if source.adapter:
-            self.adapters.add(variant.name, fetch_adapter(source.adapter))
-        self.adapter_of[variant.name] = variant.name if source.adapter else BASE_ADAPTER
-        self.info[variant.name] = {**source.info, **self.precision}
+        adapter_dir = fetch_adapter(source.adapter) if source.adapter else None
+        with splicing():
+            if adapter_dir:
+                self.adapters.add(variant.name, adapter_dir)
+            self.adapter_of[variant.name] = variant.name if adapter_dir else BASE_ADAPTER
+            self.info[variant.name] = {**source.info, **self.precision}
