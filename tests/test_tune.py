@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from strata import tracking
 from strata.config import ConfigError, PromotionGates
-from strata.config.tune import REPORTED_METRICS, load_tune_config
+from strata.config.tune import REPORTED_METRICS, load_tune_config, trial_tree
 from strata.release.promotion import lineage_gate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,18 @@ def test_a_good_sweep_loads_and_the_shipped_sweep_is_valid(tmp_path, sft_file):
     assert base_tree["method"] == "lora"
     shipped, _ = load_tune_config(ROOT / "configs/tune-lora-tiny.yaml")
     assert shipped.metric in REPORTED_METRICS["finetune"]
+
+
+def test_the_sweeps_overrides_are_the_job_the_sweep_pins_and_tracks(tmp_path, sft_file):
+    """The sweep pins its base model and opens its store before any trial: both must see the sweep's `overrides`,
+    and the pinned base must survive into every trial (the demo sweeps over a base its overrides name)."""
+    overrides = {"base_model": "models:/strata-other/3", "tracking.registered_model": "strata-other-sft"}
+    path = write_sweep(tmp_path, "models:/strata-tiny/latest", sft_file, overrides=overrides)
+    tune, base_tree = load_tune_config(path)
+    assert base_tree["base_model"] == "models:/strata-other/3"
+    assert tune.registered_model == "strata-other-sft"
+    pinned = {**base_tree, "base_model": "models:/strata-other/3"}
+    assert trial_tree(tune, pinned, {"optim.lr": 1e-3}, "t")["base_model"] == "models:/strata-other/3"
 
 
 @pytest.mark.slow

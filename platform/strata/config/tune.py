@@ -173,10 +173,10 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def trial_tree(tune: TuneConfig, base_tree: dict[str, Any], params: dict[str, Any], run_name: str) -> dict[str, Any]:
-    """A trial's job config as a plain tree: the base, the sweep's fixed settings, then the sampled params."""
+    """A trial's job config as a plain tree: the sweep's job tree (`load_tune_config`), the sweep's fixed settings,
+    then the sampled params."""
     tree = base_tree
     fixed = {
-        **tune.overrides,
         "run_name": run_name,
         "optim.max_steps": tune.max_steps,
         "checkpoint.every_steps": tune.report_every_steps,
@@ -188,12 +188,19 @@ def trial_tree(tune: TuneConfig, base_tree: dict[str, Any], params: dict[str, An
 
 
 def load_tune_config(path: str | Path, overrides: list[str] = ()) -> tuple[TuneConfig, dict[str, Any]]:
-    """The sweep config and its base job config's tree, checked together before any trial starts."""
+    """The sweep config and the job tree its trials start from: the base job config with the sweep's `overrides`
+    applied, so that everything read before the trials (the pinned base model, the tracking store) sees them too.
+    Both are checked together before any trial starts."""
     tune = load_config(path, TuneConfig, overrides)
     base_path = tune.resolve_base(Path(path))
-    base = load_config(base_path, tune.schema)  # the base itself must be valid
+    load_config(base_path, tune.schema)  # the base itself must be valid
     base_tree = yaml.safe_load(base_path.read_text()) or {}
     problems = []
+    for dotted, value in tune.overrides.items():
+        if field_exists(tune.schema, dotted):
+            base_tree = set_dotted(base_tree, dotted, value)
+        else:
+            problems.append(f"  overrides.{dotted}: {tune.schema.__name__} has no field {dotted!r}")
     for dotted, distribution in tune.search_space.items():
         if not field_exists(tune.schema, dotted):
             problems.append(f"  search_space.{dotted}: {tune.schema.__name__} has no field {dotted!r}")
@@ -206,15 +213,13 @@ def load_tune_config(path: str | Path, overrides: list[str] = ()) -> tuple[TuneC
                 reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
                 problems.append(f"  search_space.{dotted}: value {value!r} is invalid for the job: {reason}")
                 break
-    for dotted in tune.overrides:
-        if not field_exists(tune.schema, dotted):
-            problems.append(f"  overrides.{dotted}: {tune.schema.__name__} has no field {dotted!r}")
+    job = None
     try:
-        tune.schema.model_validate(trial_tree(tune, base_tree, {}, run_name="check"))
+        job = tune.schema.model_validate(trial_tree(tune, base_tree, {}, run_name="check"))
     except ValidationError as err:
         problems.append(format_validation_error(base_path, err))
     if problems:
         raise ConfigError(f"{path}: invalid sweep (base: {base_path.name}, job: {tune.job})\n" + "\n".join(problems))
-    if base.tracking.registered_model and tune.registered_model is None:
-        tune = tune.model_copy(update={"registered_model": base.tracking.registered_model})
+    if job.tracking.registered_model and tune.registered_model is None:
+        tune = tune.model_copy(update={"registered_model": job.tracking.registered_model})
     return tune, base_tree
