@@ -118,7 +118,10 @@ def test_asha_stops_the_poor_trial_nests_trials_in_mlflow_and_registers_the_best
 ):
     from strata.tune.sweep import run_sweep
 
-    tune, base_tree = load_tune_config(write_sweep(strata_home, registered_base, sft_file))
+    # The base model comes from the sweep's overrides, as in the demo: the base config names one the registry lacks.
+    absent = "models:/strata-absent/latest"
+    sweep = write_sweep(strata_home, absent, sft_file, overrides={"base_model": registered_base})
+    tune, base_tree = load_tune_config(sweep)
     result = run_sweep(tune, base_tree)
 
     by_lr = {row["params"]["optim.lr"]: row for row in result.trials}
