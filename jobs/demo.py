@@ -9,6 +9,7 @@ a 90/10 split, and send them a few hundred requests -> a canary of `fast` under 
 `stable` once every step has passed -> the release history.
 """
 
+import os
 import socket
 import sys
 import time
@@ -55,6 +56,9 @@ def main() -> int:
     cfg = load_config(ROOT / "configs/pretrain-tiny.yaml", PretrainConfig, overrides)
 
     console.rule("1/7 pretraining the tiny MoE on 2 Ray Train workers (one is killed at step ~105)")
+    # Serve's replicas and routers log a line per request, which in this console buries the canary's steps: they log
+    # to their files only (the Ray session's logs/serve/). A failed deploy still says why, from `serve status`.
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # read by every Ray worker this driver's local Ray starts
     init_ray()
     run_dir = Path(cfg.checkpoint.resolved_storage_path) / run_name
     killer = WorkerKiller(run_dir, after_step=100).start()  # a real SIGKILL, as a lost spot node would be
