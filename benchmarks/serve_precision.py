@@ -39,8 +39,7 @@ from strata.data.packing import load_packed
 from strata.data.prepare import prepare_data
 from strata.models.cpu_features import cpu_instructions
 from strata.serve.engine import Engine, Output, SamplingParams
-from strata.serve.loading import load_for_serving
-from strata.serve.model_server import on_passing_thread
+from strata.serve.loading import load_for_serving, on_passing_thread
 
 PRECISIONS = {  # name -> engine settings
     "fp32": {"dtype": "float32"},

@@ -17,3 +17,18 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_options) -> Pa
     )
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def misfit_adapter(adapter_dir: Path, out_dir: Path) -> Path:
+    """A copy of an adapter whose last adapted layer's B has 8 output rows more than the base's layer: what an adapter
+    of another base looks like to this one, found only when its factors meet the base's layers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter_dir, out_dir)
+    weights = load_file(str(out_dir / "adapter_model.safetensors"))
+    last_b = sorted(key for key in weights if key.endswith(".lora_B.weight"))[-1]
+    weights[last_b] = torch.cat([weights[last_b], torch.ones(8, weights[last_b].shape[1])])
+    save_file(weights, str(out_dir / "adapter_model.safetensors"))
+    return out_dir

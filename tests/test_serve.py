@@ -589,7 +589,7 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
     """A 50/50 split of two LoRA adapters of one registered base, both served by one replica (a replica group): under
     concurrent mixed traffic each variant answers as its merged model does, greedy, token for token. A third adapter
     added to the running group (`strata add-variant`) is served by the same replica, which never restarts."""
-    from lora_adapters import make_adapter
+    from lora_adapters import make_adapter, misfit_adapter
     from ray import serve
     from transformers import AutoTokenizer
 
@@ -645,14 +645,28 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
         add = ["add-variant", "c", "--app", "lora", "--group", "lora", "--adapter", str(adapters["c"])]
         assert main([*add[:4], "--group", "nope", *add[6:]]) == 2  # no such group: refused before Serve sees it
         assert "error: application 'lora' has no replica group 'nope'" in capsys.readouterr().err
-        assert main(add) == 0
+        dora = make_adapter(base_dir, tmp_path / "dora", 4, use_dora=True)
+        assert main(["add-variant", "d", *add[2:6], "--adapter", str(dora)]) == 2  # refused before Serve sees it
+        assert "error: variant 'd': a DoRA adapter; serve it without replica_group" in capsys.readouterr().err
+        # An adapter of another base: only the replica finds it out, and leaves it out; the router never hears of it.
+        misfit = misfit_adapter(adapters["c"], tmp_path / "misfit")
+        assert main(["add-variant", "m", *add[2:6], "--adapter", str(misfit)]) == 2
+        assert "error: variant 'm': replica group 'lora' failed to load its adapter" in capsys.readouterr().err
+        body = {"model": "strata-lora:m", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
+        assert httpx.post(url, json=body, headers=auth(), timeout=60).status_code == 404
+        [entry] = [a for a in deploy.running_config(served["dashboard"])["applications"] if a["name"] == "lora"]
+        [server] = [d for d in entry["deployments"] if d["name"] == "group-lora"]
+        assert [v["name"] for v in server["user_config"]["variants"]] == ["a", "b"], "the refused adapter stayed"
+
+        assert main(add) == 0  # served as soon as the command returns: the router learns of it last
         body = {"model": "strata-lora:c", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
-        deadline = time.monotonic() + 120
-        while (reply := httpx.post(url, json=body, headers=auth(), timeout=60)).status_code == 404:
-            assert time.monotonic() < deadline, "the added variant was never served"
-            time.sleep(1)
+        reply = httpx.post(url, json=body, headers=auth(), timeout=60)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["text"] == expected[("c", prompts[0])]
+        for name in ("a", "b"):
+            body = {"model": f"strata-lora:{name}", "prompt": prompts[1], "max_tokens": 10, "temperature": 0}
+            reply = httpx.post(url, json=body, headers=auth(), timeout=60)
+            assert reply.json()["choices"][0]["text"] == expected[(name, prompts[1])], name
         assert group.stats.remote().result()["pid"] == pid, "the replica restarted"
     finally:
         serve.delete("lora")

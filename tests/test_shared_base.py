@@ -6,13 +6,14 @@ import threading
 
 import pytest
 import torch
-from lora_adapters import make_adapter
+from lora_adapters import make_adapter, misfit_adapter
 from test_engine import Collector, reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.config import EngineSettings, ServeConfig, VariantConfig
 from strata.models.adapters import merged_model
 from strata.models.cpu_features import cpu_instructions
+from strata.serve.adapter_sources import check_group
 from strata.serve.engine import Engine, SamplingParams
 from strata.serve.engine_loops import EngineLoops
 from strata.serve.replica_groups import group_base
@@ -142,6 +143,48 @@ def test_adapters_that_do_not_stack_are_refused_naming_the_variant(tiny_base, tm
         SharedBase([VariantConfig(name="d", model=str(tiny_base), adapter=str(dora), replica_group="g", engine=FP32)])
     with pytest.raises(ValueError, match="replica group 'g' has no adapter"):
         SharedBase([VariantConfig(name="base", model=str(tiny_base), replica_group="g", engine=FP32)])
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused_and_the_others_decode_as_before(
+    tiny_base, adapters, merged_references, tmp_path
+):
+    """An adapter of another base is found only when its factors meet the base's layers. Refused, it leaves every
+    layer as it was (the other variants decode as their merged models), and a name already loaded is refused too."""
+    shared = SharedBase(group(tiny_base, adapters))
+    misfit = misfit_adapter(adapters["a"], tmp_path / "misfit")
+    added = VariantConfig(name="misfit", model=str(tiny_base), adapter=str(misfit), replica_group="g", engine=FP32)
+    with pytest.raises(ValueError, match=r"variant 'misfit': its adapter's factors for .*v_proj .* do not fit"):
+        shared.add(added)
+    with pytest.raises(ValueError, match="variant 'a': an adapter of that name is already loaded"):
+        shared.adapters.add("a", adapters["a"])
+    assert shared.adapter_of == {"a": "a", "base": "__base__", "b": "b"}
+    engine = Engine(shared.model, shared.tokenizer, max_batch_size=8, adapters=shared.adapters)
+    collectors = {}
+    for variant in ("a", "base", "b"):
+        collectors[variant] = Collector()
+        ids = shared.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+        engine.submit(ids, SamplingParams(12, 0.0), collectors[variant], adapter=shared.adapter_of[variant])
+    with torch.inference_mode():
+        while not all(c.done.is_set() for c in collectors.values()):
+            engine.step()
+    for variant, collector in collectors.items():
+        assert collector.text == merged_references[(PROMPTS[1], variant)], variant
+
+
+def test_a_group_is_checked_before_anything_loads(tiny_base, adapters, tmp_path):
+    """What `strata deploy` and `strata add-variant` refuse, naming the variant, from configs alone: members built
+    on another base, an adapter that is not there, one that does not stack."""
+    members = group(tiny_base, adapters)
+    check_group("g", members)  # the group the tests above serve
+    other = VariantConfig(name="other", model=str(tmp_path / "other-base"), adapter=str(adapters["a"]), engine=FP32)
+    with pytest.raises(ValueError, match=r"variant 'other' is built on .*other-base, not on its replica group 'g'"):
+        check_group("g", [*members, other])
+    missing = VariantConfig(name="gone", model=str(tiny_base), adapter=str(tmp_path / "nowhere"), engine=FP32)
+    with pytest.raises(ValueError, match="variant 'gone': .*nowhere holds no peft adapter"):
+        check_group("g", [*members, missing])
+    dora = make_adapter(tiny_base, tmp_path / "dora", 4, use_dora=True)
+    with pytest.raises(ValueError, match="variant 'd': a DoRA adapter; serve it without replica_group"):
+        check_group("g", [*members, VariantConfig(name="d", model=str(tiny_base), adapter=str(dora), engine=FP32)])
 
 
 def test_a_replica_group_needs_one_set_of_unquantised_replica_settings():

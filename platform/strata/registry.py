@@ -127,6 +127,16 @@ def resolve_model(spec: str) -> ResolvedModel:
     a local directory; a local directory or a hub id is taken as it is."""
     if not spec.startswith("models:/"):
         return ResolvedModel(spec, {"base_model": spec}, spec)
+    pinned = pin(spec)
+    name, _, version = pinned.removeprefix("models:/").partition("/")
+    return ResolvedModel(str(download_model(pinned)), {"base_model": name, "base_model_version": version}, pinned)
+
+
+def pin(spec: str) -> str:
+    """The registered version `spec` names now, as `models:/NAME/VERSION` (a registry lookup, no download); a
+    directory or a hub id as it is. ModelNotFound, saying why, for a version that is not there."""
+    if not spec.startswith("models:/"):
+        return spec
     name, _, ref = spec.removeprefix("models:/").partition("@")
     client = MlflowClient()
     try:
@@ -144,8 +154,7 @@ def resolve_model(spec: str) -> ResolvedModel:
             client.get_model_version(name, version)
     except MlflowException as err:
         raise ModelNotFound(f"{spec}: {err.message}") from None
-    pinned = f"models:/{name}/{version}"
-    return ResolvedModel(str(download_model(pinned)), {"base_model": name, "base_model_version": str(version)}, pinned)
+    return f"models:/{name}/{version}"
 
 
 def recorded_base(spec: str, recorded: dict[str, str]) -> str:

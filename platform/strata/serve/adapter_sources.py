@@ -4,10 +4,12 @@ unless it serves the base, a LoRA adapter. `strata deploy` checks replica groups
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
-from strata.registry import fine_tune_of
+from strata.registry import fine_tune_of, pin
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,63 @@ def adapter_source(variant: VariantConfig) -> AdapterSource:
     return AdapterSource(tuned.base, tuned.adapter, info)
 
 
-def check_groups(config: ServeConfig) -> None:
-    """Before anything loads (at deploy): each replica group has an adapter to share its base with."""
-    for group, members in replica_groups(config.variants).items():
-        if not any(adapter_source(member).adapter for member in members):
-            names = [m.name for m in members]
+def fetch_adapter(uri: str) -> str:
+    """A local adapter directory, or one downloaded from MLflow (`runs:/ID/adapter`, `models:/`, `s3://`)."""
+    if ":/" not in uri:
+        return uri
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+
+
+def adapter_config(name: str, adapter_dir: str | Path) -> dict:
+    """A LoRA adapter's peft config, refused (ValueError naming the variant) where it does not stack beside other
+    adapters on one base's plain linear layers."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"variant {name!r}: {adapter_dir} holds no peft adapter (no adapter_config.json)")
+    config = json.loads(config_path.read_text())
+    refusals = []
+    if config.get("peft_type") != "LORA":
+        refusals.append(f"a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("target_parameters"):
+        refusals.append(
+            f"its adapter sets target_parameters {config['target_parameters']} (LoRA on fused expert parameters), "
+            "which does not stack beside other adapters"
+        )
+    if config.get("use_dora"):
+        refusals.append("a DoRA adapter")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        refusals.append("its adapter trains biases, which would change the shared base")
+    if config.get("modules_to_save"):
+        refusals.append(f"its adapter trains {config['modules_to_save']} in full")
+    if refusals:
+        raise ValueError(f"variant {name!r}: {refusals[0]}; serve it without replica_group")
+    return config
+
+
+def check_group(group: str, members: list[VariantConfig]) -> None:
+    """Before anything loads (at deploy, and before a variant joins a running group), ValueError naming the
+    variant: the group has an adapter to share its base with, every member is built on the same base (registry
+    versions compared by number), and every adapter is there and stacks. Reads configs, never weights."""
+    sources = {member.name: adapter_source(member) for member in members}
+    adapted = [name for name, source in sources.items() if source.adapter]
+    if not adapted:
+        raise ValueError(
+            f"replica group {group!r} ({', '.join(sources)}): none of its variants is a LoRA adapter or a registered "
+            "LoRA/QLoRA fine-tune, so there is no base to share; deploy them without a replica group"
+        )
+    base = pin(sources[adapted[0]].base)
+    for name, source in sources.items():
+        if pin(source.base) != base:
             raise ValueError(
-                f"replica group {group!r} ({', '.join(names)}): none of its variants is a LoRA adapter or a registered "
-                "LoRA/QLoRA fine-tune, so there is no base to share; deploy them without a replica group"
+                f"variant {name!r} is built on {source.base}, not on its replica group {group!r}'s base "
+                f"{sources[adapted[0]].base} ({adapted[0]!r}'s): a group shares one base"
             )
+        if source.adapter:
+            adapter_config(name, fetch_adapter(source.adapter))
+
+
+def check_groups(config: ServeConfig) -> None:
+    for group, members in replica_groups(config.variants).items():
+        check_group(group, members)

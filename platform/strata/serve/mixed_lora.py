@@ -19,7 +19,6 @@ with the variant's name.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from strata.models.brgemm_bf16 import BrgemmLinear
+from strata.serve.adapter_sources import adapter_config
 
 BASE_ADAPTER = "__base__"  # the name of a row that takes no adapter
 PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.weight"  # peft's saved keys
@@ -82,7 +82,13 @@ class MixedAdapters:
         self._local = threading.local()
 
     def add(self, name: str, adapter_dir: str | Path) -> None:
+        """Stack adapter `name` beside the others. Everything is checked before any layer changes, so an adapter
+        refused here (ValueError naming the variant) leaves the model serving what it served."""
+        if name in self.columns:
+            raise ValueError(f"variant {name!r}: an adapter of that name is already loaded")
         factors = read_adapter(name, adapter_dir)
+        for path, (a, b) in factors.items():
+            self._check_fits(name, path, a, b)
         for path in factors:
             if path not in self.layers:
                 self._wrap(name, path)
@@ -98,12 +104,24 @@ class MixedAdapters:
         for slot, columns in enumerate(self.columns.values(), 1):
             self._masks[slot, columns] = 1
 
-    def _wrap(self, name: str, path: str) -> None:
-        parent, _, child = path.rpartition(".")
-        module = self.model.get_submodule(path)
+    def _check_fits(self, name: str, path: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """The base has a linear layer at `path` whose shape the factors fit (an adapter of another base does not)."""
+        layer = self.layers.get(path)
+        try:
+            module = layer.base if layer else self.model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"variant {name!r}: its adapter adapts {path}, which the base does not have") from None
         if not isinstance(module, nn.Linear | BrgemmLinear):
             raise ValueError(f"variant {name!r}: its adapter adapts {path}, a {type(module).__name__}, not a linear")
-        layer = MixedLoraLinear(module, self)
+        if a.shape[1] != module.in_features or b.shape[0] != module.out_features or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"variant {name!r}: its adapter's factors for {path} ({tuple(b.shape)} x {tuple(a.shape)}) do not "
+                f"fit the base's {module.out_features} x {module.in_features} layer: an adapter of another base?"
+            )
+
+    def _wrap(self, name: str, path: str) -> None:
+        parent, _, child = path.rpartition(".")
+        layer = MixedLoraLinear(self.model.get_submodule(path), self)
         layer.append(None, None, self.width())  # the adapters loaded before, which do not adapt this layer
         setattr(self.model.get_submodule(parent), child, layer)
         self.layers[path] = layer
@@ -129,23 +147,7 @@ class MixedAdapters:
 def read_adapter(name: str, adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A peft LoRA adapter's factors by module path: (A, B x scaling). Refuses, naming the variant, what does not
     stack onto plain linear layers."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    refusals = []
-    if config.get("peft_type") != "LORA":
-        refusals.append(f"a {config.get('peft_type')} adapter, not LoRA")
-    if config.get("target_parameters"):
-        refusals.append(
-            f"its adapter sets target_parameters {config['target_parameters']} (LoRA on fused expert parameters), "
-            "which does not stack beside other adapters"
-        )
-    if config.get("use_dora"):
-        refusals.append("a DoRA adapter")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        refusals.append("its adapter trains biases, which would change the shared base")
-    if config.get("modules_to_save"):
-        refusals.append(f"its adapter trains {config['modules_to_save']} in full")
-    if refusals:
-        raise ValueError(f"variant {name!r}: {refusals[0]}; serve it without replica_group")
+    config = adapter_config(name, adapter_dir)
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     unknown = [key for key in weights if not key.endswith((A_SUFFIX, B_SUFFIX))]
     if unknown:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
-import concurrent.futures
 import functools
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 from ray import serve
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from strata.serve.engine import Output, StepStats
     from strata.serve.sampling import SamplingParams, TokenLogprob
 
-T = TypeVar("T")
+logger = logging.getLogger("ray.serve")  # the replica's own log file
 METRICS_INTERVAL_S = 1.0  # how often a replica exports its engine's batch, queue, token and expert metrics
 
 
@@ -48,10 +48,9 @@ class ModelServer:
     The first chunk is either an error (the prompt does not fit, or its prefill failed) or the result of the
     prefill, so a caller knows whether the request was accepted before it answers its client.
 
-    A replica group's server (`group`: its members' variant configs) serves several variants on one base, each
-    request decoded with its variant's adapter (`shared_base.SharedBase`); its `variant` settings are the first
-    member's, and its metrics carry the group's name as their variant. Its `user_config` lists the members too, so
-    a variant added to a running group is loaded by `reconfigure`, into the running replicas, base untouched."""
+    A replica group's server (`group`: its members' variant configs) serves several variants on one base, each row
+    decoded with its variant's adapter (`shared_base.SharedBase`), with the first member's settings and metrics
+    under the group's name. `reconfigure` loads a member added to its `user_config`, base untouched."""
 
     def __init__(
         self, model_name: str, variant: dict[str, Any], tracking_uri: str | None, group: list[dict] | None = None
@@ -63,7 +62,7 @@ class ModelServer:
         from strata.models.moe_stats import ExpertLoadRecorder
         from strata.serve.engine_loops import EngineLoops
         from strata.serve.kv_cache import cache_tokens_in
-        from strata.serve.loading import load_for_serving
+        from strata.serve.loading import load_for_serving, on_passing_thread
         from strata.serve.shared_base import SharedBase
 
         self.config = VariantConfig.model_validate(variant)
@@ -80,6 +79,7 @@ class ModelServer:
             return shared, shared.model, shared.tokenizer, shared.info
 
         self.shared, model, self.tokenizer, self.info = on_passing_thread(load)
+        self.refused: dict[str, str] = {}  # members added to the group whose adapter failed to load: why
         self.token_bytes = token_bytes(self.tokenizer)  # what logprobs report of each token
         # Metrics and hooks record their failures here (logged, counted): observability never fails a request.
         self.observer_errors = ObservabilityErrors()
@@ -122,13 +122,22 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the adapters of the group's members it does not serve yet; each is spliced in between two engine
-        steps, once downloaded."""
+        steps, once downloaded. One that fails is left out, its error kept in `refused` (`add_group_variant` reads
+        it), never raised: Serve stops a replica whose reconfigure raises, and every variant it serves with it."""
+        from strata.serve.loading import on_passing_thread
+
         if not self.shared:
             raise ValueError("only a replica group's server takes a user_config (its `variants`)")
         for variant in user_config.get("variants", []):
             variant = VariantConfig.model_validate(variant)
-            if variant.name not in self.shared.adapter_of:
+            if variant.name in self.shared.adapter_of:
+                continue
+            try:
                 on_passing_thread(functools.partial(self.shared.add, variant, splicing=self.engine.paused))
+                self.refused.pop(variant.name, None)
+            except Exception as err:  # noqa: BLE001 - a bad adapter (any error of loading it) costs its variant only
+                self.refused[variant.name] = f"{type(err).__name__}: {err}"
+                logger.error("variant %r left out: %s", variant.name, self.refused[variant.name])
 
     def _record_step(self, stats: StepStats) -> None:
         """Runs on an engine thread after every iteration of one of its loops (one at a time; the stats are the
@@ -334,6 +343,7 @@ class ModelServer:
             **self.engine.stats(),
             "finish_reasons": dict(self.finish_reasons),
             "info": self.info,
+            "refused": dict(self.refused),
             "replica": replica,
             "pid": os.getpid(),
         }
@@ -410,15 +420,6 @@ def best_of(choices: list[dict[str, Any]], scores: dict[int, float], request: di
     return kept
 
 
-def on_passing_thread(work: Callable[[], T]) -> T:
-    """Run `work` (loading weights, adding an adapter) on a thread that ends with it, and its OpenMP threads too.
-    libgomp spins only briefly before sleeping once a process holds more OpenMP threads than CPUs: a team left on
-    the loading thread made each engine loop's team sleep and wake at every parallel region (2 cores, `small` in
-    bf16, 32 rows on 2 threads, in-process: ~560 tokens/s against ~850 with the loading thread gone)."""
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="strata-load") as pool:
-        return pool.submit(work).result()
-
-
 def _bad_request(message: str, param: str, code: str | None = None) -> dict[str, Any]:
     return {"error": message, "status": 400, "param": param, "code": code}
 
@@ -429,8 +430,7 @@ def _deliver(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int
 
 
 class _Held:
-    """The engine thread's sink for one choice of an unpaced reader: it keeps the outputs, noting when the first came,
-    and hands them to the request's event loop as one once the choice finishes."""
+    """An unpaced reader's sink for one choice: keeps the outputs (noting when the first came), hands them on as one."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, index: int):
         self.loop, self.outputs, self.index = loop, outputs, index

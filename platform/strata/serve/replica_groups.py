@@ -4,18 +4,23 @@ Serve restarts every replica of an application whose `args` change (they are its
 live stays out of the args: it goes to the `user_config` of its group's deployment, whose `reconfigure` loads its
 adapter into the running replicas (and into any replica started later), and to the router's, which sends its
 share of the traffic to the group's handle. Each is a config Serve applies with `reconfigure`, restarting nothing:
-the base stays loaded and requests in flight go on.
+the base stays loaded and requests in flight go on. The group's config goes first, and the router's only once the
+group serves the variant, so no request for it meets a replica that has not loaded it yet; an adapter the replicas
+fail to load is taken back out, and the router never hears of it.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
-from strata.serve.adapter_sources import adapter_source
-from strata.serve.deploy import ROUTER, deploy, running_config
+from strata.serve.adapter_sources import adapter_source, check_group
+from strata.serve.deploy import ROUTER, deploy, running_config, wait_until_running
 from strata.serve.routing import Split
+
+LOAD_TIMEOUT_S = 300  # for the group's replicas to download and splice in the adapter
 
 
 def add_group_variant(
@@ -29,7 +34,9 @@ def add_group_variant(
 ) -> dict[str, Any]:
     """Serve variant `name` from replica group `group` of the running application `app`, with `weight` in the split:
     the group's base plus `adapter`, or the registered LoRA fine-tune `model` of that base. Its replica settings are
-    the group's. Returns the config that was deployed."""
+    the group's. Needs this driver connected to the cluster (`deploy.connect`): it asks the group's replicas whether
+    they loaded the adapter. ValueError, naming the variant, for one that does not fit the group (checked before
+    Serve sees it) or that its replicas failed to load (then taken back out). Returns the config that was deployed."""
     config = copy.deepcopy(running_config(dashboard_url))
     entries = [a for a in config["applications"] if a["name"] == app]
     if not entries:
@@ -50,18 +57,47 @@ def add_group_variant(
         raise ValueError(f"application {app!r} already has a variant {name!r}")
     update = {"name": name, "model": model or group_base(members), "adapter": adapter}
     variant = VariantConfig.model_validate(members[0].model_dump() | update)  # the name's pattern, as in a config
+    check_group(group, [*members, variant])
     weights = {**(live.get("weights") or serve_config.initial_weights), name: weight}
     Split(weights, [*known, name])  # refuse bad weights before Serve sees them
+
     server = f"group-{group}"
+    before = deployments.get(server, {"name": server})
     deployments[server] = {
-        **deployments.get(server, {"name": server}),
+        **before,
         "user_config": {"variants": [m.model_dump(mode="json") for m in [*members, variant]]},
     }
+    entry["deployments"] = list(deployments.values())
+    deploy(dashboard_url, config)
+    refusal = wait_until_loaded(app, server, name)
+    if refusal:
+        deployments[server] = before
+        entry["deployments"] = list(deployments.values())
+        deploy(dashboard_url, config)
+        raise ValueError(f"variant {name!r}: replica group {group!r} failed to load its adapter ({refusal}); left out")
+    wait_until_running(dashboard_url, app)  # every replica of the group has it, not only the one that answered
+
     added_dump = [v.model_dump(mode="json") for v in [*added, variant]]
     deployments[ROUTER] = {**router, "user_config": {**live, "weights": weights, "variants": added_dump}}
     entry["deployments"] = list(deployments.values())
     deploy(dashboard_url, config)
     return config
+
+
+def wait_until_loaded(app: str, server: str, name: str) -> str | None:
+    """Until a replica of deployment `server` serves variant `name` (None) or has refused it (why)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(server, app_name=app)
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        stats = handle.stats.remote().result()
+        if name in stats["info"]:
+            return None
+        if name in stats["refused"]:
+            return stats["refused"][name]
+        time.sleep(0.5)
+    return f"no replica of {server} had loaded it after {LOAD_TIMEOUT_S} s"
 
 
 def group_base(members: list[VariantConfig]) -> str:

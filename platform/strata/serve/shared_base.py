@@ -19,9 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from strata.config import VariantConfig
-from strata.registry import ResolvedModel, resolve_model
-from strata.serve.adapter_sources import AdapterSource, adapter_source
-from strata.serve.loading import fetch_adapter
+from strata.registry import ResolvedModel, pin, resolve_model
+from strata.serve.adapter_sources import AdapterSource, adapter_source, fetch_adapter
 from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.precision import to_serving_precision
 
@@ -32,7 +31,7 @@ class SharedBase:
 
     def __init__(self, variants: list[VariantConfig]):
         """Loads the base, then every variant's adapter. Every variant must name the same base (registry versions
-        are compared by number, directories by path)."""
+        are compared by number, directories by path; `adapter_sources.check_group` says so at deploy)."""
         sources = {v.name: adapter_source(v) for v in variants}
         adapters = [name for name, source in sources.items() if source.adapter]
         if not adapters:
@@ -61,7 +60,7 @@ class SharedBase:
         lookup and the download run first; only splicing the adapter into the model runs inside `splicing` (for a
         running replica: its engine paused, so decoding stops for the splice alone)."""
         source = source or adapter_source(variant)
-        if source.base != self.base_spec and resolve_model(source.base).tags != self.resolved.tags:
+        if pin(source.base) != self.resolved.pinned:
             raise ValueError(
                 f"variant {variant.name!r} is built on {source.base}, not on its replica group's base {self.base_spec}"
             )
