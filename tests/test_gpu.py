@@ -79,7 +79,8 @@ def test_qlora_trains_on_nf4_cuda_kernels_and_merges(tiny_base, tmp_path):
     with torch.no_grad():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             adapted = model.eval()(input_ids=ids).logits.float()
-        merged = merged_model(str(tiny_base), "qlora", str(tmp_path / ADAPTER_DIR)).to(CUDA).eval()
+        merged = merged_model(str(tiny_base), "qlora", str(tmp_path / ADAPTER_DIR), trained_on_gpu=True)
+        merged = merged.to(CUDA).eval()
         base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).to(CUDA).eval()
         merged_error = (merged(input_ids=ids).logits - adapted).abs().mean()
         base_error = (base(input_ids=ids).logits - adapted).abs().mean()

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
 
 from strata.models.presets import build_model
 from strata.models.quantized_experts import (
@@ -80,6 +82,21 @@ def test_quantised_moe_logits_stay_close_and_dequantise_back(tiny_moe, scheme, t
         torch.testing.assert_close(model(ids).logits, quantized, atol=1e-5, rtol=1e-5)
 
 
+class Allocations(TorchDispatchMode):
+    """The shapes of the tensors every op inside makes (not views of a one-element placeholder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes() > tensor.element_size():
+                self.shapes.add(tuple(tensor.shape))
+        return out
+
+
 def lora_on_experts(model):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], target_parameters=EXPERTS)
     peft_model = get_peft_model(model, config)
@@ -100,12 +117,14 @@ def test_lora_on_quantised_experts_trains_like_lora_on_their_dequantised_weights
     assert not reference.load_state_dict(lora_weights, strict=False).unexpected_keys  # the same LoRA weights
     frozen_before = {k: v.clone() for k, v in quantized.state_dict().items() if "lora_" not in k}
 
-    shapes = []  # what autograd keeps for backward: no expert-sized full-precision weight
-    expert_shapes = {tuple(p.shape[1:]) for n, p in tiny_moe.named_parameters() if "experts" in n}
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-        loss = quantized(tokens(1), labels=tokens(1)).loss
-    assert not expert_shapes & set(shapes)
-    loss.backward()
+    saved = []  # what autograd keeps for backward
+    stacks = {tuple(p.shape) for n, p in tiny_moe.named_parameters() if "experts" in n}  # (experts, out, in)
+    with Allocations() as made:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = quantized(tokens(1), labels=tokens(1)).loss
+        loss.backward()
+    assert not (stacks | {shape[1:] for shape in stacks}) & set(saved)  # no expert's weight kept, nor all of them
+    assert not stacks & made.shapes, "a full-size expert stack was computed (peft's merged delta?)"
     reference_loss = reference(tokens(1), labels=tokens(1)).loss
     reference_loss.backward()
 
@@ -119,3 +138,20 @@ def test_lora_on_quantised_experts_trains_like_lora_on_their_dequantised_weights
     assert not [n for n, p in quantized.named_parameters() if not p.requires_grad and p.grad is not None]
     after = quantized.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen_before.items())
+
+
+def test_a_qlora_export_merges_into_the_base_as_training_quantised_it(tiny_base, tmp_path):
+    """QLoRA on a GPU loads the base in bf16 and quantises it from there; its export, merged on a CPU, must start
+    from the same rounded weights (an fp32 base's embeddings, norms and experts alike), and from fp32 after a CPU
+    run."""
+    from lora_adapters import make_adapter
+
+    from strata.models.adapters import merged_model
+
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", 1)
+    embeddings = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).get_input_embeddings().weight
+    assert not torch.equal(embeddings, embeddings.bfloat16().float()), "the base must not be bf16 already"
+    for trained_on_gpu, expected in ((False, embeddings), (True, embeddings.bfloat16().float())):
+        merged = merged_model(str(tiny_base), "qlora", str(adapter), trained_on_gpu=trained_on_gpu)
+        assert all(p.dtype == torch.float32 for p in merged.parameters())
+        assert torch.equal(merged.get_input_embeddings().weight, expected), trained_on_gpu

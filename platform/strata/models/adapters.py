@@ -21,26 +21,32 @@ from strata.models import quantized_experts
 ADAPTER_DIR = "adapter"
 
 
-def quantization_config(use_gpu: bool) -> BitsAndBytesConfig:
+def qlora_dtype(on_gpu: bool) -> torch.dtype:
+    """What QLoRA loads the base in, quantises it from and computes in: bf16 on a GPU, fp32 on a CPU."""
+    return torch.bfloat16 if on_gpu else torch.float32
+
+
+def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if use_gpu else torch.float32,
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
 
 
-def load_base(directory: str, method: str, device: torch.device, quantize_experts: bool = True) -> PreTrainedModel:
+def load_base(
+    directory: str, method: str, device: torch.device, quantize_experts: bool = True, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """The base to train or merge into: fp32, or for QLoRA quantised to NF4 from `dtype` (default: `qlora_dtype`
+    of `device`)."""
     if method == "qlora":
-        quantization = quantization_config(device.type == "cuda")
+        dtype = dtype or qlora_dtype(device.type == "cuda")
         model = AutoModelForCausalLM.from_pretrained(
             directory,
-            quantization_config=quantization,
-            dtype=quantization.bnb_4bit_compute_dtype,  # the unquantised rest (embeddings, norms, router)
+            quantization_config=quantization_config(dtype),
+            dtype=dtype,  # the unquantised rest (embeddings, norms, router)
             device_map={"": device},
         )
         if quantize_experts:
-            quantized_experts.quantize_experts(model, "nf4", quantization.bnb_4bit_compute_dtype)
+            quantized_experts.quantize_experts(model, "nf4", dtype)
         return model
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
@@ -89,10 +95,14 @@ def trainable_model(
     return model
 
 
-def merged_model(directory: str, method: str, adapter_dir: str, quantize_experts: bool = True) -> PreTrainedModel:
-    """Base + adapter folded into plain weights; for QLoRA into the *dequantised* 4-bit base it trained on."""
+def merged_model(
+    directory: str, method: str, adapter_dir: str, quantize_experts: bool = True, trained_on_gpu: bool = False
+) -> PreTrainedModel:
+    """Base + adapter folded into plain fp32 weights; for QLoRA into the *dequantised* 4-bit base it trained on,
+    quantised here on the CPU from what training quantised it from (bf16 where it trained on a GPU: an fp32 base
+    rounded to bf16 first, as training saw it, embeddings and norms too)."""
     cpu = torch.device("cpu")
-    base = load_base(directory, method, cpu, quantize_experts)
+    base = load_base(directory, method, cpu, quantize_experts, qlora_dtype(trained_on_gpu))
     if method == "qlora":
         base = base.dequantize()
         quantized_experts.dequantize_experts(base)

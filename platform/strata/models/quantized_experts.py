@@ -9,11 +9,15 @@ dequantises again instead of keeping the full-precision weight alive.
 
 peft's `target_parameters` LoRA keeps working: the fused parameter stays as a one-element placeholder of the right
 shape, peft registers its LoRA parametrization on it as usual, and the forward here reads the low-rank factors from
-that parametrization and applies them per expert as `x @ A_e.T @ B_e.T`, never the full-size delta.
+that parametrization and applies them per expert as `x @ A_e.T @ B_e.T`, never the full-size delta. peft registers
+its parametrization at every forward, and torch checks a new one by running it once: on a placeholder that computed
+`W + scaling * lhs @ rhs` at the full (experts, out, in) size, in fp32, per expert parameter per layer, for nothing
+(nothing reads it). So on placeholders the check is skipped (`register_parametrization` below).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -151,6 +155,21 @@ def quantized_experts_forward(
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, quantized_experts_forward)
+
+
+def _unchecked_on_placeholders(register):
+    """torch's `register_parametrization`, with `unsafe` (no trial run at full size) where the tensor is a quantised
+    experts' placeholder; every other call as it was."""
+
+    @functools.wraps(register)
+    def register_parametrization(module: nn.Module, tensor_name: str, parametrization: nn.Module, *, unsafe=False):
+        placeholder = isinstance(getattr(module, f"{tensor_name}_quantized", None), QuantizedExpertWeight)
+        return register(module, tensor_name, parametrization, unsafe=unsafe or placeholder)
+
+    return register_parametrization
+
+
+parametrize.register_parametrization = _unchecked_on_placeholders(parametrize.register_parametrization)
 
 
 def fused_experts_modules(model: nn.Module) -> list[nn.Module]:

@@ -125,7 +125,9 @@ def run_finetuning(cfg: FinetuneConfig, console: Console | None = None) -> Finet
         with tempfile.TemporaryDirectory() as export_dir:
             if not already:
                 merged = (
-                    merged_model(base.directory, cfg.method, str(adapter_dir), cfg.quantize_experts)
+                    merged_model(
+                        base.directory, cfg.method, str(adapter_dir), cfg.quantize_experts, cfg.scaling.use_gpu
+                    )
                     if cfg.method != "full"
                     else tuned
                 )

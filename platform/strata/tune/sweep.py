@@ -240,7 +240,8 @@ def export_model(job: str, cfg, checkpoint: Path, export_dir: Path) -> Path:
     if cfg.method == "full":
         model = trainable_model(str(checkpoint / "model"), "full", cfg.lora, torch.device("cpu"))
     else:
-        model = merged_model(base.directory, cfg.method, str(checkpoint / ADAPTER_DIR), cfg.quantize_experts)
+        adapter_dir = str(checkpoint / ADAPTER_DIR)
+        model = merged_model(base.directory, cfg.method, adapter_dir, cfg.quantize_experts, cfg.scaling.use_gpu)
     tokenizer = AutoTokenizer.from_pretrained(base.directory)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
     model.save_pretrained(export_dir)
