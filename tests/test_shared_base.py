@@ -227,6 +227,13 @@ def test_registered_lora_and_qlora_fine_tunes_share_their_recorded_base(tiny_bas
     )
     assert shared.adapter_of == {"tuned": "tuned", "stable": "__base__"}
     assert shared.info["tuned"]["base"] == base and shared.info["tuned"]["adapter"].endswith("/adapter")
+    registered = [
+        VariantConfig(name=n, model=m, replica_group="g", engine=FP32) for n, m in (("t", tuned), ("s", base))
+    ]
+    check_group("g", registered)  # the fine-tune's run's adapter is there, on the version its tags name
+    missing = shared.info["tuned"]["adapter"].removesuffix("/adapter") + "/nothing"
+    with pytest.raises(ValueError, match=f"variant 'gone': no peft adapter at {missing}"):
+        check_group("g", [*registered, VariantConfig(name="gone", model=base, adapter=missing, engine=FP32)])
     members = [VariantConfig(name="tuned", model=tuned, replica_group="g", engine=FP32)]
     assert group_base(members) == base  # what `strata add-variant --adapter` puts the new adapter on
     shared.add(VariantConfig(name="added", model=group_base(members), adapter=str(adapters["b"]), engine=FP32))

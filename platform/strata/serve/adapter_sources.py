@@ -5,6 +5,7 @@ unless it serves the base, a LoRA adapter. `strata deploy` checks replica groups
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,23 @@ def check_group(group: str, members: list[VariantConfig]) -> None:
                 f"{sources[adapted[0]].base} ({adapted[0]!r}'s): a group shares one base"
             )
         if source.adapter:
-            adapter_config(name, fetch_adapter(source.adapter))
+            check_adapter(name, source.adapter)
+
+
+def check_adapter(name: str, uri: str) -> None:
+    """The adapter at `uri` is there and stacks: its config alone, fetched into a directory that is then removed."""
+    if ":/" not in uri:
+        adapter_config(name, uri)
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/adapter_config.json", dst_path=scratch)
+        except (MlflowException, OSError) as err:
+            raise ValueError(f"variant {name!r}: no peft adapter at {uri} ({err})") from None
+        adapter_config(name, Path(local).parent)
 
 
 def check_groups(config: ServeConfig) -> None:
