@@ -187,6 +187,19 @@ def test_a_group_is_checked_before_anything_loads(tiny_base, adapters, tmp_path)
         check_group("g", [*members, VariantConfig(name="d", model=str(tiny_base), adapter=str(dora), engine=FP32)])
 
 
+def test_a_plain_serve_deploy_refuses_a_group_that_cannot_share_its_base(tiny_base, adapters, tmp_path, strata_home):
+    """`serve deploy` of a config file builds the application in the Serve controller (`serve_apps.ab:build_app`),
+    without `strata deploy`'s checks before it: the build refuses the group itself, naming the variant, before a
+    replica starts."""
+    from serve_apps.ab import build_app
+
+    members = [v.model_dump() for v in group(tiny_base, adapters)]
+    build_app({"model_name": "m", "variants": members})
+    other = {**members[0], "name": "other", "model": str(tmp_path / "other-base")}
+    with pytest.raises(ValueError, match=r"variant 'other' is built on .*other-base, not on its replica group 'g'"):
+        build_app({"model_name": "m", "variants": [*members, other]})
+
+
 def test_a_replica_group_needs_one_set_of_unquantised_replica_settings():
     quantized = {"name": "a", "model": "m", "replica_group": "g", "engine": {"quantization": "int8"}}
     with pytest.raises(ValueError, match="variant 'a': engine.quantization int8 with replica_group 'g'"):

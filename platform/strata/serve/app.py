@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from ray import serve
 
+from strata import tracking
 from strata.config import ServeConfig, VariantConfig, replica_groups
+from strata.serve.adapter_sources import check_groups
 from strata.serve.model_server import ModelServer
 from strata.serve.precision_checks import check_precisions
 from strata.serve.router import Router
@@ -37,9 +39,13 @@ def _model_server(name: str, variant: VariantConfig, user_config: dict | None = 
 
 def build_application(config: ServeConfig, tracking_uri: str | None = None) -> serve.Application:
     """The A/B application: a ModelServer deployment per variant or replica group, behind one Router. A precision a
-    replica could not load is refused here, before any replica starts."""
+    replica could not load, and a replica group whose members could not share a base, are refused here, before any
+    replica starts: a plain `serve deploy` of a config file gets the same checks as `strata deploy`."""
     check_precisions(config)
     tracking_uri = config.tracking_uri or tracking_uri
+    if replica_groups(config.variants):
+        tracking.use_store(tracking_uri)  # the group's registered versions are looked up where replicas load them
+        check_groups(config)
     groups = {}
     for group, members in replica_groups(config.variants).items():
         dumped = [m.model_dump() for m in members]
