@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
+
+# The node cache of registered model versions (`strata.paths.cache_dir`), one per session: set before Ray starts,
+# so every worker, trial and replica the tests start reads it, and the tests never fill the user's ~/.cache.
+os.environ["STRATA_CACHE"] = tempfile.mkdtemp(prefix="strata-cache-")
+atexit.register(shutil.rmtree, os.environ["STRATA_CACHE"], ignore_errors=True)
 
 # A small, fixed slice of the standard library: enough text to learn from, quick to tokenize.
 SMALL_CORPUS_FILES = 120

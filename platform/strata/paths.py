@@ -19,6 +19,16 @@ def home() -> Path:
     return Path(os.environ.get("STRATA_HOME") or os.getcwd()).expanduser().resolve()
 
 
+def cache_dir() -> Path:
+    """Where each node keeps what it downloaded once and reads again (registered model versions):
+    $STRATA_CACHE, else $XDG_CACHE_HOME/strata (~/.cache/strata). Not under $STRATA_HOME, which a job's working
+    directory may make a fresh temporary copy each time."""
+    configured = os.environ.get("STRATA_CACHE")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return (Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "strata").expanduser().resolve()
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri
 

@@ -7,15 +7,21 @@ directory that serving and fine-tuning load with `from_pretrained`, and needs no
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import mlflow.pyfunc
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
+
+from strata import paths
 
 HF_ARTIFACT = "hf_model"
 DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0}
@@ -199,8 +205,36 @@ def fine_tune_of(spec: str) -> FineTune | None:
     return FineTune(base, f"runs:/{version.run_id}/adapter", tags["strata.method"])
 
 
-def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
-    """The transformers directory of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`)."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst and str(dst)))
+def download_model(model_uri: str) -> Path:
+    """The transformers directory of a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`), from this node's
+    cache of registered versions."""
+    local = cached_version(pin(model_uri))
     flavor = Model.load(local / "MLmodel").flavors["python_function"]
     return local / flavor["artifacts"][HF_ARTIFACT]["path"]
+
+
+def cached_version(pinned: str) -> Path:
+    """A registered version's files (`models:/NAME/VERSION`), downloaded once per node: every worker a restarted
+    training run starts, every sweep trial and every replica on the node reads them there. A version's files never
+    change, and its key holds the store and the logged model it points to, so a store made again at the same path
+    never serves an older model's files. One process downloads while the others on the node wait on its lock (a
+    flock, dropped when its holder dies); the download is renamed into place whole, so a process killed mid-way
+    leaves nothing that looks cached, and the next holder of the lock clears what it left."""
+    name, _, version = pinned.removeprefix("models:/").partition("/")
+    found = MlflowClient().get_model_version(name, version)
+    key = hashlib.sha256(f"{mlflow.get_registry_uri()}\n{found.source}\n{found.run_id}".encode()).hexdigest()[:16]
+    cached = paths.cache_dir() / "models" / quote(name, safe="") / f"{version}-{key}"
+    if cached.is_dir():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{cached.name}.partial")
+    with FileLock(cached.with_name(f".{cached.name}.lock")):
+        if cached.is_dir():  # another process downloaded it while this one waited
+            return cached
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
+            partial.rename(cached)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return cached

@@ -111,7 +111,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_dir = args.model
     if not os.path.isdir(model_dir):
         tracking.use_store()
-        model_dir = registry.download_model(registry.resolve_uri(args.model))
+        try:
+            model_dir = registry.download_model(registry.resolve_uri(args.model))
+        except registry.ModelNotFound as err:
+            console.print(f"[red]error:[/red] --model: {err}", highlight=False)
+            return 2
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for prompt in args.prompt:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +34,17 @@ def adapter_source(variant: VariantConfig) -> AdapterSource:
     return AdapterSource(tuned.base, tuned.adapter, info)
 
 
-def fetch_adapter(uri: str) -> str:
-    """A local adapter directory, or one downloaded from MLflow (`runs:/ID/adapter`, `models:/`, `s3://`)."""
+@contextmanager
+def fetched_adapter(uri: str) -> Iterator[str]:
+    """A local adapter directory as it is, or one downloaded from MLflow (`runs:/ID/adapter`, `models:/`, `s3://`)
+    for the time it takes to load it: every replica that loads an adapter would otherwise leave a copy behind."""
     if ":/" not in uri:
-        return uri
+        yield uri
+        return
     import mlflow
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    with tempfile.TemporaryDirectory(prefix="strata-adapter-") as scratch:
+        yield mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
 
 
 def adapter_config(name: str, adapter_dir: str | Path) -> dict:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from strata.config import VariantConfig
 from strata.registry import resolve_model
-from strata.serve.adapter_sources import fetch_adapter
+from strata.serve.adapter_sources import fetched_adapter
 from strata.serve.precision import to_serving_precision
 
 T = TypeVar("T")
@@ -25,7 +25,8 @@ def load_for_serving(variant: VariantConfig) -> tuple[PreTrainedModel, PreTraine
     if variant.adapter:
         from strata.models.adapters import merged_model  # peft: seconds to import, for adapter variants only
 
-        model = merged_model(base.directory, "lora", fetch_adapter(variant.adapter))
+        with fetched_adapter(variant.adapter) as adapter_dir:
+            model = merged_model(base.directory, "lora", adapter_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(base.directory)
     model, precision = to_serving_precision(model, variant, device)

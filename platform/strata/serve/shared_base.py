@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from strata.config import VariantConfig
 from strata.registry import ResolvedModel, pin, resolve_model
-from strata.serve.adapter_sources import AdapterSource, adapter_source, fetch_adapter
+from strata.serve.adapter_sources import AdapterSource, adapter_source, fetched_adapter
 from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.precision import to_serving_precision
 
@@ -64,8 +64,7 @@ class SharedBase:
             raise ValueError(
                 f"variant {variant.name!r} is built on {source.base}, not on its replica group's base {self.base_spec}"
             )
-        adapter_dir = fetch_adapter(source.adapter) if source.adapter else None
-        with splicing():
+        with fetched_adapter(source.adapter) if source.adapter else nullcontext() as adapter_dir, splicing():
             if adapter_dir:
                 self.adapters.add(variant.name, adapter_dir)
             self.adapter_of[variant.name] = variant.name if adapter_dir else BASE_ADAPTER
