@@ -277,6 +277,39 @@ def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path,
     assert f"canary {MODEL} v{version}" in shown and "Aborted" in shown and "aborted by command" in shown
 
 
+@pytest.mark.slow
+def test_a_paused_canary_still_rolls_back_a_breach(release, tmp_path):
+    """Paused before any client arrives (so nothing is judged yet), then clients: the broken candidate's errors at
+    its 25% roll it back from Paused."""
+    from mlflow.tracking import MlflowClient
+
+    from strata.cli import main
+    from strata.release import canary
+
+    version = deploy_candidate(release, release["broken"])
+    config = tmp_path / "canary.yaml"
+    config.write_text(yaml.safe_dump(canary_config(release, steps=[25, 100]).model_dump(exclude_none=True)))
+
+    def status() -> canary.CanaryStatus | None:
+        return canary.read_status(MlflowClient(), MODEL, version)
+
+    process = canary_process(release, config)
+    wait_for(lambda: (s := status()) is not None and s.state == canary.PROGRESSING, what="step 1")
+    assert main(["canary", "pause", "--model", MODEL]) == 0
+    wait_for(lambda: status().state == canary.PAUSED, what="paused")
+    try:
+        with clients(release):
+            out, _ = process.communicate(timeout=180)
+    finally:
+        process.kill()  # a canary that never rolled back would go on holding the application
+    assert process.returncode == 1, out
+    final = status()
+    assert final.state == canary.ROLLED_BACK and "(paused)" in final.reason and final.weight == 0, final.reason
+    assert [t["to"] for t in final.transitions][-2:] == [canary.PAUSED, canary.ROLLED_BACK]
+    assert all_on_stable(release)
+    assert MlflowClient().get_model_version(MODEL, version).tags["canary"] == "failed"
+
+
 def test_canary_config_errors_name_the_field(tmp_path, capsys):
     from strata.cli import main
 
@@ -322,3 +355,49 @@ def test_variant_windows_summarize_5xx_as_errors_and_latency_of_successes():
     assert (fast["requests"], fast["errors"]) == (12, 1)
     assert fast["error_rate"] == pytest.approx(1 / 12)
     assert fast["p99_ms"] == pytest.approx(1000.0) and fast["p50_ms"] == pytest.approx(500.0)
+
+
+def test_at_100_percent_the_ratios_compare_with_stable_at_the_last_step_it_served():
+    """At the last step stable takes no traffic: judged against its empty numbers, a candidate whose TTFT is 3x
+    stable's would pass every ratio."""
+    from strata.config.canary import CanaryThresholds
+    from strata.release.canary import judge, stable_baseline
+
+    steps = [
+        {"step": 1, "stable": {"requests": 30, "p99_ms": 100.0, "ttft_p99_ms": 50.0}},
+        {"step": 2, "stable": {"requests": 10, "p99_ms": 120.0, "ttft_p99_ms": 60.0}},
+        {"step": 3, "stable": {}},
+    ]
+    baseline = stable_baseline({}, steps, "stable")
+    assert baseline["ttft_p99_ms"] == 60.0 and baseline["from_step"] == 2
+    now = {"requests": 3, "p99_ms": 90.0}
+    assert stable_baseline(now, steps, "stable") == now  # stable still serves: its own numbers
+    assert stable_baseline({}, [], "stable") == {}
+
+    slow = {"requests": 20, "errors": 0, "error_rate": 0.0, "p99_ms": 130.0, "ttft_p99_ms": 180.0}
+    limits = CanaryThresholds(max_ttft_ratio=1.5)
+    checks, verdict = judge(slow, baseline, limits, min_requests=20)
+    assert verdict == "fail" and [c.name for c in checks if not c.passed] == ["ttft_ratio"]
+    assert judge(slow, {}, limits, min_requests=20)[1] == "pass"  # what the last step saw before
+
+
+def test_the_promotion_redeploy_keeps_the_routers_live_variants():
+    """Variants added live to replica groups live in the router's user_config: a redeploy that replaced it would
+    leave the routers without them while the group replicas still serve them."""
+    from strata.release.canary import promoted_entry
+    from strata.serve import deploy
+
+    live = {"weights": {"stable": 90, "fast": 10}, "variants": [{"name": "added", "model": "models:/m/4"}]}
+    variants = [{"name": "stable", "model": "models:/m/1"}, {"name": "fast", "model": "models:/m/2"}]
+    entry = {
+        "name": APP,
+        "args": {"variants": variants},
+        "deployments": [{"name": deploy.ROUTER, "num_replicas": 2, "user_config": live}, {"name": "Group"}],
+    }
+    promoted = promoted_entry(entry, "stable", "models:/m/2", {"stable": 0, "fast": 100})
+    assert [v["model"] for v in promoted["args"]["variants"]] == ["models:/m/2", "models:/m/2"]
+    router, group = promoted["deployments"]
+    all_on_fast = {**live, "weights": {"stable": 0, "fast": 100}}
+    assert router == {"name": deploy.ROUTER, "num_replicas": 2, "user_config": all_on_fast}
+    assert group == {"name": "Group"}
+    assert variants[0]["model"] == "models:/m/1"  # the running config it was given is left as it was

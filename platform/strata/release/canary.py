@@ -6,6 +6,9 @@ tick, roll back at once on a breach, and promote it to `stable` when every step 
                  pause  v   | resume          a breach, a refused promotion -> RolledBack
                       Paused                  `strata canary abort`         -> Aborted
 
+A paused canary still judges its step, so a breach rolls it back from Paused too. At the last step (100%) stable
+takes no traffic, so the latency ratios compare with stable's numbers from the last step it served.
+
 The state lives on the candidate's model version in the registry (tag `strata.canary.status`), so `strata canary
 status` on any machine shows it, and a canary that is restarted continues from its recorded step. Commands (`abort`,
 `pause`, `resume`) are a tag the running canary reads at every tick. Each transition is logged, recorded on the
@@ -15,15 +18,13 @@ still reaches Prometheus after the canary has exited.
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 from mlflow.tracking import MlflowClient
@@ -34,6 +35,7 @@ from rich.table import Table
 from strata import paths, tracking
 from strata.config.canary import CanaryConfig, CanaryThresholds
 from strata.release import history, promotion
+from strata.release.canary_metrics import metrics_source
 from strata.serve import deploy, windows
 
 STATUS_TAG = "strata.canary.status"  # JSON: the state machine's position
@@ -46,69 +48,6 @@ SUCCEEDED, ROLLED_BACK, ABORTED = "Succeeded", "RolledBack", "Aborted"
 STATES = (INITIALIZED, PROGRESSING, PAUSED, PROMOTING, SUCCEEDED, ROLLED_BACK, ABORTED)
 FINISHED = (SUCCEEDED, ROLLED_BACK, ABORTED)
 COMMANDS = ("abort", "pause", "resume")
-
-
-# -- where the numbers come from ------------------------------------------------------------------------------------
-
-
-class MetricsSource(Protocol):
-    def summary(self, since: float) -> dict[str, dict[str, Any]]:
-        """Per variant, since `since` (time.time()): requests, errors, error_rate, p99_ms, ttft_p99_ms."""
-
-
-class RouterWindows:
-    """The application's own per-variant windows (`strata.serve.windows`): works with nothing else running."""
-
-    def __init__(self, app: str):
-        self.store = windows.windows_actor(app)
-
-    def summary(self, since: float) -> dict[str, dict[str, Any]]:
-        return ray.get(self.store.summary.remote(since))
-
-
-class PrometheusMetrics:
-    """The same numbers from Prometheus, over the router's exported metrics: for clusters that run one. Latency
-    quantiles are estimated from histogram buckets, as every Prometheus dashboard does."""
-
-    def __init__(self, url: str, model: str):
-        self.url, self.model = url.rstrip("/"), model
-
-    def _query(self, expr: str) -> dict[str, float]:
-        query = urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=10) as response:
-            body = json.loads(response.read())
-        values = ((r["metric"].get("variant", ""), float(r["value"][1])) for r in body["data"]["result"])
-        return {v: x for v, x in values if not math.isnan(x)}  # NaN: a quantile with no observations, so no data
-
-    def summary(self, since: float) -> dict[str, dict[str, Any]]:
-        window = f"{max(1, round(time.time() - since))}s"
-        selector = f'model="{self.model}"'
-
-        def increase(metric: str, extra: str = "") -> str:
-            return f"sum by (variant) (increase(ray_strata_router_{metric}{{{selector}{extra}}}[{window}]))"
-
-        def p99(histogram: str) -> str:
-            rate = f"rate(ray_strata_router_{histogram}_bucket{{{selector}}}[{window}])"
-            return f"histogram_quantile(0.99, sum by (le, variant) ({rate}))"
-
-        requests, errors = (self._query(increase(*a)) for a in (["requests_total"], ["errors_total", ',status=~"5.."']))
-        latency, ttft = (self._query(p99(h)) for h in ("request_latency_seconds", "time_to_first_token_seconds"))
-        return {
-            variant: {
-                "requests": round(count),
-                "errors": round(errors.get(variant, 0)),
-                "error_rate": errors.get(variant, 0) / count if count else 0.0,
-                "p99_ms": latency[variant] * 1000 if variant in latency else None,
-                "ttft_p99_ms": ttft[variant] * 1000 if variant in ttft else None,
-            }
-            for variant, count in requests.items()
-        }
-
-
-def metrics_source(cfg: CanaryConfig) -> MetricsSource:
-    if cfg.metrics == "prometheus":
-        return PrometheusMetrics(cfg.prometheus_url, cfg.model)
-    return RouterWindows(cfg.app)
 
 
 # -- the checks -----------------------------------------------------------------------------------------------------
@@ -241,9 +180,12 @@ class Canary:
         self.transition(PROGRESSING, f"step {step + 1}/{len(self.cfg.steps)}", weight=self.cfg.steps[step])
 
     def roll_back(self, state: str, reason: str) -> None:
-        """All traffic to stable, through the live split change: nothing restarts."""
+        """All traffic to stable, through the live split change: nothing restarts. The result tag, which the
+        promotion gate reads, changes first: a canary killed in between is never finished with `passed` on it."""
+        result = "failed" if state == ROLLED_BACK else "aborted"
+        self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, result)
         self.transition(state, reason, weight=0)
-        self.finish("failed" if state == ROLLED_BACK else "aborted")
+        self.finish(result)
 
     def finish(self, result: str) -> None:
         report = self.report()
@@ -293,23 +235,27 @@ class Canary:
             return self.roll_back(ABORTED, "aborted by command")
         if command == "pause" and self.status.state == PROGRESSING:
             return self.transition(PAUSED, "paused by command")
-        if self.status.state == PAUSED:
-            if command == "resume":
-                self.client.delete_model_version_tag(self.cfg.model, self.version, COMMAND_TAG)
-                self.start_step(self.status.step)  # the bake starts over: paused time proved nothing
-            return None
+        if self.status.state == PAUSED and command == "resume":
+            self.client.delete_model_version_tag(self.cfg.model, self.version, COMMAND_TAG)
+            return self.start_step(self.status.step)  # the bake starts over: paused time proved nothing
         self.check_step()
 
     def check_step(self) -> None:
+        """Judge the step so far. A breach rolls back, paused or not (the candidate still takes its share); only a
+        progressing canary times out or moves on."""
         cfg, status = self.cfg, self.status
         summary = self.source.summary(since=status.step_started_at)
-        candidate, stable = summary.get(cfg.candidate_variant, {}), summary.get(cfg.stable_variant, {})
+        candidate = summary.get(cfg.candidate_variant, {})
+        stable = stable_baseline(summary.get(cfg.stable_variant, {}), status.steps, cfg.stable_variant)
         checks, verdict = judge(candidate, stable, cfg.thresholds, cfg.min_requests)
         elapsed = time.time() - status.step_started_at
         if verdict == "fail":
             self.record_step(candidate, stable, checks)
             failed = ", ".join(f"{c.name} {c.value:.3g} > {c.limit:g}" for c in checks if not c.passed)
-            return self.roll_back(ROLLED_BACK, f"step {status.step + 1} at {status.weight:g}%: {failed}")
+            paused = " (paused)" if status.state == PAUSED else ""
+            return self.roll_back(ROLLED_BACK, f"step {status.step + 1} at {status.weight:g}%{paused}: {failed}")
+        if status.state == PAUSED:
+            return None
         if verdict == "wait" and elapsed > cfg.step_timeout_s:
             self.record_step(candidate, stable, checks)
             return self.roll_back(ROLLED_BACK, f"step {status.step + 1}: fewer than {cfg.min_requests} requests")
@@ -354,19 +300,36 @@ class Canary:
     def redeploy_stable(self) -> None:
         """Serve the candidate's version as the stable variant too, then move all traffic to it: while the stable
         replicas restart on the new version, the candidate still carries everything."""
-        entry = app_entry(self.dashboard, self.cfg.app)
-        for variant in entry["args"]["variants"]:
-            if variant["name"] == self.cfg.stable_variant:
-                variant["model"] = self.variants[self.cfg.candidate_variant]
-        entry["deployments"] = [
-            {**d, "user_config": {"weights": self.split(100)}} if d["name"] == deploy.ROUTER else d
-            for d in entry.get("deployments", [])
-        ]
+        model = self.variants[self.cfg.candidate_variant]
+        entry = promoted_entry(app_entry(self.dashboard, self.cfg.app), self.cfg.stable_variant, model, self.split(100))
         port = deploy.running_config(self.dashboard).get("http_options", {}).get("port", 8000)
         deploy.deploy_application(self.dashboard, entry, port)
         deploy.wait_until_running(self.dashboard, self.cfg.app)
         deploy.set_weights(self.dashboard, self.cfg.app, self.split(0))
         self.status.weight = 0
+
+
+def stable_baseline(now: dict[str, Any], steps: list[dict[str, Any]], stable_variant: str) -> dict[str, Any]:
+    """The stable variant's numbers to judge the candidate against: this step's, or, where stable takes no traffic
+    (the last step, at 100%), those of the last judged step it served, so the latency ratios still hold there."""
+    if now.get("requests"):
+        return now
+    served = [s for s in steps if s.get(stable_variant, {}).get("requests")]
+    return {**served[-1][stable_variant], "from_step": served[-1]["step"]} if served else now
+
+
+def promoted_entry(entry: dict[str, Any], stable_variant: str, model: str, weights: dict[str, float]) -> dict:
+    """`entry` (an application's `serve deploy` config) with `stable_variant` serving `model` and the router on
+    `weights`; the router's other live settings (variants added to running replica groups) stay."""
+    entry = copy.deepcopy(entry)
+    for variant in entry["args"]["variants"]:
+        if variant["name"] == stable_variant:
+            variant["model"] = model
+    entry["deployments"] = [
+        {**d, "user_config": {**d.get("user_config", {}), "weights": weights}} if d["name"] == deploy.ROUTER else d
+        for d in entry.get("deployments", [])
+    ]
+    return entry
 
 
 # -- reading a canary from anywhere ---------------------------------------------------------------------------------
