@@ -9,6 +9,7 @@ candidate as the `fast` variant, runs clients against the application, and runs 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -151,13 +152,23 @@ def all_on_stable(release) -> bool:
 def test_a_good_candidate_goes_through_every_step_and_becomes_stable(release):
     from mlflow.tracking import MlflowClient
 
-    from strata.release import canary, history
+    from strata.release import canary, history, locks
 
     version = deploy_candidate(release, release["base"])
-    with clients(release) as traffic:
-        status = canary.run_canary(canary_config(release))
+    logged = []
+    with contextlib.ExitStack() as other_promotion, clients(release) as traffic:
+        # Another promotion of stable holds its lock until the canary, ready to promote, has found it taken once.
+        other_promotion.enter_context(locks.hold(locks.lock_path(MODEL, "stable")))
+
+        def log(line: str) -> None:
+            logged.append(line)
+            if "trying again (1/" in line:
+                other_promotion.close()
+
+        status = canary.run_canary(canary_config(release), log=log)
         time.sleep(1)  # requests after the redeploy reach the new stable
     assert status.state == canary.SUCCEEDED, status.reason
+    assert sum("another promotion" in line for line in logged) == 1, logged
     assert [s["weight"] for s in status.steps] == [25, 50, 100]
     assert all(c["passed"] for s in status.steps for c in s["checks"])
     failed = [sample for sample in traffic.seen if sample[1] != 200]

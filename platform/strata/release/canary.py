@@ -48,6 +48,7 @@ SUCCEEDED, ROLLED_BACK, ABORTED = "Succeeded", "RolledBack", "Aborted"
 STATES = (INITIALIZED, PROGRESSING, PAUSED, PROMOTING, SUCCEEDED, ROLLED_BACK, ABORTED)
 FINISHED = (SUCCEEDED, ROLLED_BACK, ABORTED)
 COMMANDS = ("abort", "pause", "resume")
+PROMOTION_ATTEMPTS = 10  # while another promotion of stable holds its lock, `interval_s` apart
 
 
 # -- the checks -----------------------------------------------------------------------------------------------------
@@ -287,12 +288,20 @@ class Canary:
             return self.finish("passed")
         self.client.set_model_version_tag(self.cfg.model, self.version, REPORT_TAG, json.dumps(self.report()))
         self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, "passed")
-        already = history.alias_version(self.client, self.cfg.model, "stable") == self.version  # a restart
-        try:
-            if not already:
+        for attempt in range(1, PROMOTION_ATTEMPTS + 1):
+            if history.alias_version(self.client, self.cfg.model, "stable") == self.version:  # a restart
+                break
+            try:
                 promotion.promote(self.cfg.model, self.version, "stable", reason=self.cfg.reason)
-        except promotion.ReleaseError as refused:  # a gate failed, or another promotion of stable is under way
-            return self.roll_back(ROLLED_BACK, f"promotion refused: {refused}")
+                break
+            except promotion.PromotionConflict as busy:  # another promotion of stable: its gates are checked again
+                if attempt == PROMOTION_ATTEMPTS:
+                    return self.roll_back(ROLLED_BACK, f"promotion refused: {busy}")
+                name = f"canary {self.cfg.model} v{self.version}"
+                self.log(f"{name}: {busy}; trying again ({attempt}/{PROMOTION_ATTEMPTS})")
+                time.sleep(self.cfg.interval_s)
+            except promotion.ReleaseError as refused:  # a gate failed
+                return self.roll_back(ROLLED_BACK, f"promotion refused: {refused}")
         self.redeploy_stable()
         self.transition(SUCCEEDED, f"v{self.version} is stable")
         return self.finish("passed")
