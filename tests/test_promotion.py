@@ -214,6 +214,19 @@ def test_a_killed_promotion_leaves_alias_and_history_consistent(client, point):
     assert [e.status for e in history.events(MODEL)][-1] == "done"
 
 
+def test_a_killed_promotion_whose_replaced_version_was_deleted_since_still_reconciles(client):
+    """The move's note goes on the version it replaced; one deleted before the reconcile must not block every later
+    move of the alias (each reconciles first)."""
+    holder, candidate, later = add_version(client, 1.0), add_version(client, 0.9), add_version(client, 0.8)
+    promote(MODEL, holder, "fast")
+    proc = strata("promote", MODEL, candidate, "--to", "fast", failpoint="promotion:after-alias")
+    assert proc.wait(timeout=120) == -9, proc.stderr.read()
+    client.delete_model_version(MODEL, holder)
+
+    assert history.events(MODEL)[-1].status == "done"
+    assert promote(MODEL, later, "fast").passed and alias(client, "fast") == later
+
+
 def test_bad_input_is_a_clear_error_that_changes_nothing(client, capsys):
     v1 = add_version(client, 1.0)
     promote(MODEL, v1, "fast")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from rich.markup import escape
 from rich.table import Table
@@ -111,7 +112,11 @@ def finish(client: MlflowClient, model: str, event: HistoryEvent) -> HistoryEven
     client.set_model_version_tag(model, event.to_version, RELEASE_TAG + event.alias, note)
     if event.from_version is not None:
         left = f"replaced by version {event.to_version} {event.at} ({event.kind}, {event.actor})"
-        client.set_model_version_tag(model, event.from_version, RELEASE_TAG + event.alias, left)
+        try:
+            client.set_model_version_tag(model, event.from_version, RELEASE_TAG + event.alias, left)
+        except MlflowException as err:  # deleted since (a killed move reconciled later): nothing left to note
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
     return update(client, model, event, status="done")
 
 
