@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -148,3 +149,20 @@ def test_generate_names_the_field_of_a_model_the_registry_does_not_have(cache, c
     assert cli.main(["generate", "--model", f"{MODEL}@stable", "--prompt", "def"]) == 2
     error = capsys.readouterr().err
     assert "--model" in error and f"models:/{MODEL}@stable" in error
+
+
+def test_past_its_budget_a_download_evicts_versions_unused_for_an_hour_least_recent_first(cache, monkeypatch):
+    monkeypatch.setenv("STRATA_CACHE_MAX_GB", "0")  # every download finds the cache over budget
+    old, recent = registry.cached_version(add_version("old")), registry.cached_version(add_version("recent"))
+    two_hours_ago = time.time() - 2 * registry.EVICT_AFTER_IDLE_S
+    os.utime(old, (two_hours_ago, two_hours_ago))
+
+    newest = registry.cached_version(add_version("newest"))
+    assert not old.exists() and recent.is_dir() and newest.is_dir()  # `recent`: read within the hour, so kept
+    assert [p.name for p in (cache / "models" / MODEL).iterdir() if p.name.endswith(".partial")] == []
+
+    os.utime(recent, (two_hours_ago, two_hours_ago))
+    assert registry.cached_version(f"models:/{MODEL}/2") == recent  # a read marks it used again
+    registry.cached_version(add_version("fourth"))
+    assert recent.is_dir()
+    assert (registry.cached_version(f"models:/{MODEL}/1") / "weights.txt").read_text() == "old"  # fetched again

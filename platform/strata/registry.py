@@ -8,7 +8,9 @@ directory that serving and fine-tuning load with `from_pretrained`, and needs no
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +18,7 @@ from urllib.parse import quote
 
 import mlflow
 import mlflow.pyfunc
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
@@ -26,6 +28,7 @@ from strata import paths
 HF_ARTIFACT = "hf_model"
 DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0}
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow")
+EVICT_AFTER_IDLE_S = 3600  # a cached version read this recently is never evicted
 
 
 class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
@@ -219,22 +222,61 @@ def cached_version(pinned: str) -> Path:
     change, and its key holds the store and the logged model it points to, so a store made again at the same path
     never serves an older model's files. One process downloads while the others on the node wait on its lock (a
     flock, dropped when its holder dies); the download is renamed into place whole, so a process killed mid-way
-    leaves nothing that looks cached, and the next holder of the lock clears what it left."""
+    leaves nothing that looks cached, and the next holder of the lock clears what it left. Each read marks the
+    version used; a download past the cache's budget evicts the versions least recently used."""
     name, _, version = pinned.removeprefix("models:/").partition("/")
     found = MlflowClient().get_model_version(name, version)
     key = hashlib.sha256(f"{mlflow.get_registry_uri()}\n{found.source}\n{found.run_id}".encode()).hexdigest()[:16]
     cached = paths.cache_dir() / "models" / quote(name, safe="") / f"{version}-{key}"
-    if cached.is_dir():
-        return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f".{cached.name}.partial")
-    with FileLock(cached.with_name(f".{cached.name}.lock")):
-        if cached.is_dir():  # another process downloaded it while this one waited
+    partial = partial_path(cached)
+    with version_lock(cached):
+        if cached.is_dir():  # downloaded before, or by another process while this one waited
+            os.utime(cached)  # used now: the last to be evicted
             return cached
         shutil.rmtree(partial, ignore_errors=True)
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
             partial.rename(cached)
+            os.utime(cached)  # used now (a long download's directory is as old as its start)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    evict_unused(paths.cache_dir() / "models", cache_budget_bytes())
     return cached
+
+
+def version_lock(cached: Path) -> FileLock:
+    return FileLock(cached.with_name(f".{cached.name}.lock"))
+
+
+def partial_path(cached: Path) -> Path:
+    return cached.with_name(f".{cached.name}.partial")
+
+
+def cache_budget_bytes() -> float:
+    """$STRATA_CACHE_MAX_GB (default 200): past it, a download evicts the least recently used versions."""
+    return float(os.environ.get("STRATA_CACHE_MAX_GB", "200")) * 1e9
+
+
+def evict_unused(models: Path, budget_bytes: float) -> list[Path]:
+    """Remove cached versions, least recently used first, until the cache fits `budget_bytes`. A version used in
+    the last `EVICT_AFTER_IDLE_S` stays whatever the budget: a process that was handed its path may still be
+    loading it. Each goes under its own lock (one being downloaded or read now is skipped), renamed out of place
+    before it is deleted, so a half-deleted version never looks cached. Returns what it removed."""
+    versions = [v for v in models.glob("*/*") if v.is_dir() and not v.name.startswith(".")]
+    sizes = {v: sum(f.stat().st_size for f in v.rglob("*") if f.is_file()) for v in versions}
+    total, removed = sum(sizes.values()), []
+    for version in sorted(versions, key=lambda v: v.stat().st_mtime):
+        if total <= budget_bytes:
+            break
+        try:
+            with version_lock(version).acquire(timeout=0):
+                if time.time() - version.stat().st_mtime < EVICT_AFTER_IDLE_S:
+                    continue
+                version.rename(partial_path(version))
+                shutil.rmtree(partial_path(version))
+        except Timeout:
+            continue
+        total -= sizes[version]
+        removed.append(version)
+    return removed
