@@ -412,3 +412,22 @@ def test_the_promotion_redeploy_keeps_the_routers_live_variants():
     assert router == {"name": deploy.ROUTER, "num_replicas": 2, "user_config": all_on_fast}
     assert group == {"name": "Group"}
     assert variants[0]["model"] == "models:/m/1"  # the running config it was given is left as it was
+
+
+def test_requests_their_clients_gave_up_on_count_as_waits_so_a_hung_candidate_fails():
+    """A hung candidate: every request ends when its client times out (499), none answered. Counted out of the
+    latency, it would have no p99 at all and pass every check."""
+    from strata.config.canary import CanaryThresholds
+    from strata.release.canary import judge
+    from strata.serve.windows import CLIENT_CLOSED, Sample, summarize
+
+    hung = [Sample(0.0, "fast", CLIENT_CLOSED, 60.0, None) for _ in range(20)]
+    answered = [Sample(0.0, "stable", 200, 0.2, 0.05) for _ in range(20)]
+    summary = summarize(hung + answered)
+    assert summary["fast"]["errors"] == 0 and summary["fast"]["p99_ms"] == pytest.approx(60_000)
+    assert summary["fast"]["ttft_p99_ms"] == pytest.approx(60_000)  # no token came in the minute it waited
+    checks, verdict = judge(summary["fast"], summary["stable"], CanaryThresholds(), min_requests=20)
+    assert verdict == "fail" and {"p99_latency_ms", "p99_latency_ratio"} <= {c.name for c in checks if not c.passed}
+
+    streamed = Sample(0.0, "fast", CLIENT_CLOSED, 30.0, 0.1)  # the client left mid-stream: its TTFT is known
+    assert summarize([streamed])["fast"]["ttft_p99_ms"] == pytest.approx(100)

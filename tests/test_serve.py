@@ -167,6 +167,7 @@ BAD_REQUESTS = [
     ("not an object", "/v1/completions", b"[1, 2]", 400, "invalid_json"),
     ("nested too deeply", "/v1/completions", b'{"prompt": ' + b"[" * 9_999 + b"]" * 9_999 + b"}", 400, "invalid_json"),
     ("lone surrogate", "/v1/completions", b'{"model": "strata-tiny", "prompt": "\\ud800"}', 400, "invalid_json"),
+    ("a 5,000-digit integer", "/v1/completions", b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}", 400, "invalid_json"),
     ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model_not_found"),
     ("unknown variant", "/v1/completions", {"model": "strata-tiny:nope", "prompt": "x"}, 404, "model_not_found"),
     (
@@ -598,6 +599,8 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
     from strata.models.adapters import merged_model
     from strata.registry import generate_text
     from strata.serve import deploy
+    from strata.serve.protocol import CompletionRequest, parse_request
+    from strata.serve.router import engine_request
 
     base_dir = served["stable_dir"]
     adapters = {name: make_adapter(base_dir, tmp_path / name, seed) for seed, name in enumerate(("a", "b", "c"), 1)}
@@ -654,6 +657,11 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
         assert "error: variant 'm': replica group 'lora' failed to load its adapter" in capsys.readouterr().err
         body = {"model": "strata-lora:m", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
         assert httpx.post(url, json=body, headers=auth(), timeout=60).status_code == 404
+        # The replica asked to serve it says so: with several replicas, a router told of the variant by one that
+        # loaded it may send its rows to one that failed, which answers 503 (the server's fault), never 404.
+        request = engine_request(parse_request(CompletionRequest, json.dumps(body).encode()), max_tokens=10)
+        reply = group.complete.remote({**request, "variant": "m"}).result()
+        assert reply["status"] == 503 and "'m' failed to load on this replica" in reply["error"], reply
         [entry] = [a for a in deploy.running_config(served["dashboard"])["applications"] if a["name"] == "lora"]
         [server] = [d for d in entry["deployments"] if d["name"] == "group-lora"]
         assert [v["name"] for v in server["user_config"]["variants"]] == ["a", "b"], "the refused adapter stayed"

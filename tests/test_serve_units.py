@@ -416,3 +416,19 @@ def test_an_unpaced_choice_reaches_its_event_loop_once_whole():
     assert index == 3 and whole.text == "def f():" and whole.finish_reason == "length"
     assert whole.completion_tokens == 3 and [t.token for t in whole.logprobs] == [0, 1, 2]
     assert before <= sink.first_at < before + 0.01  # the first token's time, not the hand-over's
+
+
+def test_a_loop_gone_idle_no_longer_adds_its_last_batch_to_the_replicas():
+    """The replica's batch size sums every loop's latest: one that finished its rows and sleeps counts 0 from then
+    on, not the rows of its last step (8 here), which it would until it woke."""
+    from strata.serve.engine import StepStats
+    from strata.serve.engine_loops import EngineLoops
+
+    reported: list[StepStats] = []
+    loops = object.__new__(EngineLoops)  # its step bookkeeping alone, without models
+    loops.on_step, loops._step_lock = reported.append, threading.Lock()
+    loops._latest = [StepStats(0, 0, 0, 0, 0), StepStats(0, 0, 0, 0, 0)]
+    loops._stepped(0, StepStats(8, 0, 0, 0, 8))  # loop 0 finishes its 8 rows and goes idle
+    loops._stepped(1, StepStats(4, 0, 4, 64, 4))
+    loops._stepped(1, StepStats(4, 1, 4, 80, 4))
+    assert [(s.batch_size, s.running, s.queue_length) for s in reported] == [(8, 0, 0), (4, 4, 0), (4, 4, 1)]

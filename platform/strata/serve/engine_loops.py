@@ -11,6 +11,7 @@ thread over one model ~740, two processes with a model each ~730. On the bf16 br
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -114,4 +115,6 @@ class EngineLoops:
                 sum(s.cache_tokens for s in self._latest),
                 stats.tokens,
             )
+            if not stats.running:  # this loop finished its last rows and sleeps: no batch of its own until it wakes
+                self._latest[loop] = dataclasses.replace(stats, batch_size=0)
             self.on_step(replica)

@@ -237,9 +237,13 @@ class ModelServer:
         refusal = self.refusal(prompts, request)
         adapter = None
         if self.shared and not refusal:
-            adapter = self.shared.adapter_of.get(request.get("variant"))
-            if adapter is None:
-                missing = f"this replica group serves no variant {request.get('variant')!r}"
+            variant = request.get("variant")
+            adapter = self.shared.adapter_of.get(variant)
+            if variant in self.refused:  # asked to serve it, failed to load it: the server's fault, not the client's
+                failed = f"variant {variant!r} failed to load on this replica: {self.refused[variant]}"
+                refusal = {"error": failed, "status": 503, "code": "server_error"}
+            elif adapter is None:
+                missing = f"this replica group serves no variant {variant!r}"
                 refusal = {"error": missing, "status": 404, "code": "model_not_found"}
         if refusal:
             yield refusal

@@ -221,7 +221,7 @@ def parse_request(schema: type[_Request], raw: bytes) -> _Request:
     """JSON bytes -> a validated request, or an ApiError(400) naming the offending field."""
     try:
         payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, and an integer past Python's 4,300 digits
         raise ApiError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None

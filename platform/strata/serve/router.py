@@ -11,6 +11,7 @@ changes only them calls `reconfigure` on the running router, restarting nothing 
 # parameters, and Serve's ingress wrapper cannot resolve string annotations.
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from strata.serve.auth import Authenticator, RateLimiter, key_hashes
 from strata.serve.metrics import LATENCY_BUCKETS, ObservabilityErrors
 from strata.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from strata.serve.routing import Split
-from strata.serve.windows import Sample, WindowRecorder
+from strata.serve.windows import CLIENT_CLOSED, Sample, WindowRecorder, waited
+
+logger = logging.getLogger("ray.serve")  # the router replica's own log file
 
 VARIANT_HEADER = "x-strata-variant"
 SESSION_HEADER = "x-session-id"
@@ -146,8 +149,8 @@ class Router:
             variant = VariantConfig.model_validate(added)
             if variant.replica_group not in groups:
                 raise ValueError(f"variant {variant.name!r} names no replica group of this application")
+            self.variant_configs[variant.name] = variant  # first: a request may pick the variant once it is listed
             self.variants[variant.name] = groups[variant.replica_group]
-            self.variant_configs[variant.name] = variant
         weights = user_config.get("weights") or self.config.initial_weights
         self.split = Split(weights, list(self.variants), salt=self.config.split_salt)
         for name, share in self.split.shares().items():
@@ -210,14 +213,17 @@ class Router:
                 first = await _reply(stream.__anext__())
             else:
                 reply = await _reply(model_server.complete.remote(request))
-        except ApiError as err:
+        except Exception as err:  # an ApiError, or a fault of the router's own: metrics and the audit see both
+            if not isinstance(err, ApiError):
+                logger.exception("request failed in the router")
+                err = ApiError(500, f"the router failed: {type(err).__name__}", code="server_error")
             record.status = err.status
             self._finish(record)
             # A failure after the split chose a variant names it, as a success does: which version failed.
             chosen = {VARIANT_HEADER: record.variant} if record.variant != "-" else {}
             return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, **chosen})
         except asyncio.CancelledError:
-            record.status = 499  # client closed the request
+            record.status = CLIENT_CLOSED
             self._finish(record)
             raise
 
@@ -254,7 +260,7 @@ class Router:
                 )
             yield protocol.sse("[DONE]")
         except (asyncio.CancelledError, GeneratorExit):
-            record.status = 499  # client closed the request
+            record.status = CLIENT_CLOSED
             stream.cancel()
             raise
         except Exception as err:
@@ -296,12 +302,13 @@ class Router:
         self.requests.inc(tags={**tags, "status": str(record.status)})
         if record.status >= 400:
             self.errors.inc(tags={**tags, "status": str(record.status)})
-        else:
-            self.latency.observe(latency, tags=tags)
-            if record.ttft is not None:
-                self.ttft.observe(record.ttft, tags=tags)
-            if record.completion_tokens:
-                self.tokens.inc(record.completion_tokens, tags=tags)
+        elif record.completion_tokens:
+            self.tokens.inc(record.completion_tokens, tags=tags)
+        timed_latency, timed_ttft = waited(record.status, latency, record.ttft)
+        if timed_latency is not None:
+            self.latency.observe(timed_latency, tags=tags)
+        if timed_ttft is not None:
+            self.ttft.observe(timed_ttft, tags=tags)
         if record.variant != "-":  # refused before a variant was chosen: no variant's doing
             sample = Sample(time.time(), record.variant, record.status, latency, record.ttft)
             self.observer_errors.guard(self.windows.add, sample)

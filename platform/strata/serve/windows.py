@@ -33,6 +33,20 @@ class Sample:
     ttft_s: float | None
 
 
+CLIENT_CLOSED = 499  # the client went away (disconnected, timed out) before its answer
+
+
+def waited(status: int, latency_s: float, ttft_s: float | None) -> tuple[float | None, float | None]:
+    """The (latency, TTFT) a request counts in the percentiles with: a success's own; for one its client gave up
+    on, how long it had waited, a lower bound (its TTFT too, if no token came), so a variant too slow for its
+    clients does not drop out of its own p99 (every request of a hung one ends that way); none for the rest."""
+    if status < 400:
+        return latency_s, ttft_s
+    if status == CLIENT_CLOSED:
+        return latency_s, latency_s if ttft_s is None else ttft_s
+    return None, None
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The nearest-rank percentile (None for no values): the p99 of 50 samples is their largest but one."""
     if not values:
@@ -43,16 +57,16 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def summarize(samples: list[Sample]) -> dict[str, dict[str, Any]]:
     """Per variant: requests, server errors (5xx: a client's bad request is not the model's fault), error rate,
-    p50/p99 latency and p99 TTFT (ms) of the successful ones."""
+    p50/p99 latency and p99 TTFT (ms) of the successful ones and of those their clients gave up on (`waited`)."""
     by_variant: dict[str, list[Sample]] = collections.defaultdict(list)
     for sample in samples:
         by_variant[sample.variant].append(sample)
     summary = {}
     for variant, mine in by_variant.items():
-        ok = [s for s in mine if s.status < 400]
         errors = sum(1 for s in mine if s.status >= 500)
-        latencies = [s.latency_s * 1000 for s in ok]
-        ttfts = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
+        timed = [waited(s.status, s.latency_s, s.ttft_s) for s in mine]
+        latencies = [latency * 1000 for latency, _ in timed if latency is not None]
+        ttfts = [ttft * 1000 for _, ttft in timed if ttft is not None]
         summary[variant] = {
             "requests": len(mine),
             "errors": errors,
