@@ -39,7 +39,7 @@ from strata.release.canary_metrics import metrics_source
 from strata.serve import deploy, windows
 
 STATUS_TAG = "strata.canary.status"  # JSON: the state machine's position
-COMMAND_TAG = "strata.canary.command"  # abort | pause | resume, written by `strata canary abort|pause|resume`
+COMMAND_TAG = "strata.canary.command"  # "abort|pause|resume TIME", written by `strata canary abort|pause|resume`
 RESULT_TAG = promotion.CANARY_TAG  # running | passed | failed | aborted: what the promotion gate reads
 REPORT_TAG = promotion.CANARY_REPORT_TAG  # the JSON report, which the promotion copies into the history
 
@@ -102,6 +102,7 @@ class CanaryStatus:
     step_started_at: float = 0.0
     started_at: float = field(default_factory=time.time)
     reason: str = ""
+    taken_command: str = ""  # the last command tag this canary took: a tag equal to it is not a new command
     steps: list[dict[str, Any]] = field(default_factory=list)  # one entry per judged step: its numbers and checks
     transitions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -210,8 +211,7 @@ class Canary:
             return self.status
         if self.status.state == INITIALIZED:
             self.client.set_model_version_tag(self.cfg.model, self.version, RESULT_TAG, "running")
-            if self.command():  # left from an earlier canary of this version
-                self.client.delete_model_version_tag(self.cfg.model, self.version, COMMAND_TAG)
+            self.new_command()  # one left from an earlier canary of this version is not for this one
             self.start_step(0)
         else:
             self.log(
@@ -226,18 +226,22 @@ class Canary:
                 time.sleep(self.cfg.interval_s)
         return self.status
 
-    def command(self) -> str | None:
-        tags = self.client.get_model_version(self.cfg.model, self.version).tags
-        return tags.get(COMMAND_TAG)
+    def new_command(self) -> str | None:
+        """The command sent since the last one this canary took, or None. Each command carries the time it was
+        sent and the tag is never deleted, so none sent while this canary acts on another is lost."""
+        tag = self.client.get_model_version(self.cfg.model, self.version).tags.get(COMMAND_TAG, "")
+        if not tag or tag == self.status.taken_command:
+            return None
+        self.status.taken_command = tag  # recorded with the transition it makes (one that makes none is a no-op)
+        return tag.split()[0]
 
     def tick(self) -> None:
-        command = self.command()
+        command = self.new_command()
         if command == "abort":
             return self.roll_back(ABORTED, "aborted by command")
         if command == "pause" and self.status.state == PROGRESSING:
             return self.transition(PAUSED, "paused by command")
-        if self.status.state == PAUSED and command == "resume":
-            self.client.delete_model_version_tag(self.cfg.model, self.version, COMMAND_TAG)
+        if command == "resume" and self.status.state == PAUSED:
             return self.start_step(self.status.step)  # the bake starts over: paused time proved nothing
         self.check_step()
 
@@ -384,7 +388,7 @@ def send_command(model: str, command: str) -> CanaryStatus:
         raise ValueError(
             f"model {model!r} has no running canary" + (f" (the last one {status.state})" if status else "")
         )
-    MlflowClient().set_model_version_tag(model, status.version, COMMAND_TAG, command)
+    MlflowClient().set_model_version_tag(model, status.version, COMMAND_TAG, f"{command} {time.time():.6f}")
     return status
 
 
