@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 # so every worker, trial and replica the tests start reads it, and the tests never fill the user's ~/.cache.
 os.environ["STRATA_CACHE"] = tempfile.mkdtemp(prefix="strata-cache-")
 atexit.register(shutil.rmtree, os.environ["STRATA_CACHE"], ignore_errors=True)
+os.environ["STRATA_ADAPTER_RETRY_S"] = "2"  # a group replica tries a refused adapter again this soon (default 60)
 
 # A small, fixed slice of the standard library: enough text to learn from, quick to tokenize.
 SMALL_CORPUS_FILES = 120

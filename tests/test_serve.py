@@ -676,8 +676,36 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
             reply = httpx.post(url, json=body, headers=auth(), timeout=60)
             assert reply.json()["choices"][0]["text"] == expected[(name, prompts[1])], name
         assert group.stats.remote().result()["pid"] == pid, "the replica restarted"
+
+        # The replica dies (SIGKILL) while c's adapter cannot be read (its weights moved away): the new replica
+        # serves a and b, answers 503 for c, and loads c on its own once the file is back.
+        weights = adapters["c"] / "adapter_model.safetensors"
+        weights.rename(weights.with_suffix(".away"))
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while not ((new := _stats_or_none(group)) and new["pid"] != pid and "c" in new["refused"]):
+            assert time.monotonic() < deadline, new
+            time.sleep(1)
+        body = {"model": "strata-lora:c", "prompt": prompts[0], "max_tokens": 10, "temperature": 0}
+        reply = httpx.post(url, json=body, headers=auth(), timeout=60)
+        assert reply.status_code == 503 and "'c' failed to load on this replica" in reply.text, reply.text
+        reply = httpx.post(url, json={**body, "model": "strata-lora:a"}, headers=auth(), timeout=60)
+        assert reply.json()["choices"][0]["text"] == expected[("a", prompts[0])]
+        weights.with_suffix(".away").rename(weights)
+        while (reply := httpx.post(url, json=body, headers=auth(), timeout=60)).status_code != 200:
+            assert reply.status_code == 503 and time.monotonic() < deadline, reply.text
+            time.sleep(1)
+        assert reply.json()["choices"][0]["text"] == expected[("c", prompts[0])]
     finally:
         serve.delete("lora")
+
+
+def _stats_or_none(handle) -> dict | None:
+    """A deployment's stats, or None while its replica is being replaced."""
+    try:
+        return handle.stats.remote().result(timeout_s=10)
+    except Exception:
+        return None
 
 
 def test_checked_in_ab_config_is_valid():

@@ -79,7 +79,6 @@ class ModelServer:
             return shared, shared.model, shared.tokenizer, shared.info
 
         self.shared, model, self.tokenizer, self.info = on_passing_thread(load)
-        self.refused: dict[str, str] = {}  # members added to the group whose adapter failed to load: why
         self.token_bytes = token_bytes(self.tokenizer)  # what logprobs report of each token
         # Metrics and hooks record their failures here (logged, counted): observability never fails a request.
         self.observer_errors = ObservabilityErrors()
@@ -121,23 +120,12 @@ class ModelServer:
         self.engine.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the adapters of the group's members it does not serve yet; each is spliced in between two engine
-        steps, once downloaded. One that fails is left out, its error kept in `refused` (`add_group_variant` reads
-        it), never raised: Serve stops a replica whose reconfigure raises, and every variant it serves with it."""
-        from strata.serve.loading import on_passing_thread
-
+        """A replica group's members added since it started (`variants`): each new one's adapter is spliced in
+        between two engine steps, once downloaded (`SharedBase.serve_added`: one that fails costs it alone)."""
         if not self.shared:
             raise ValueError("only a replica group's server takes a user_config (its `variants`)")
-        for variant in user_config.get("variants", []):
-            variant = VariantConfig.model_validate(variant)
-            if variant.name in self.shared.adapter_of:
-                continue
-            try:
-                on_passing_thread(functools.partial(self.shared.add, variant, splicing=self.engine.paused))
-                self.refused.pop(variant.name, None)
-            except Exception as err:  # noqa: BLE001 - a bad adapter (any error of loading it) costs its variant only
-                self.refused[variant.name] = f"{type(err).__name__}: {err}"
-                logger.error("variant %r left out: %s", variant.name, self.refused[variant.name])
+        members = [VariantConfig.model_validate(v) for v in user_config.get("variants", [])]
+        self.shared.serve_added(members, splicing=self.engine.paused)
 
     def _record_step(self, stats: StepStats) -> None:
         """Runs on an engine thread after every iteration of one of its loops (one at a time; the stats are the
@@ -239,8 +227,8 @@ class ModelServer:
         if self.shared and not refusal:
             variant = request.get("variant")
             adapter = self.shared.adapter_of.get(variant)
-            if variant in self.refused:  # asked to serve it, failed to load it: the server's fault, not the client's
-                failed = f"variant {variant!r} failed to load on this replica: {self.refused[variant]}"
+            if why := self.shared.refused.get(variant):  # asked to serve it, failed to load it: the server's fault
+                failed = f"variant {variant!r} failed to load on this replica: {why}"
                 refusal = {"error": failed, "status": 503, "code": "server_error"}
             elif adapter is None:
                 missing = f"this replica group serves no variant {variant!r}"
@@ -336,6 +324,8 @@ class ModelServer:
         """Serve's periodic health check: a failed engine makes Serve replace this replica."""
         if self.engine.failure:
             raise RuntimeError(f"the engine failed: {self.engine.failure}")
+        if self.shared:
+            self.shared.retry_refused(splicing=self.engine.paused)
 
     def _stream_interval(self) -> float:
         settings = self.config.engine
@@ -347,7 +337,7 @@ class ModelServer:
             **self.engine.stats(),
             "finish_reasons": dict(self.finish_reasons),
             "info": self.info,
-            "refused": dict(self.refused),
+            "refused": dict(self.shared.refused) if self.shared else {},
             "replica": replica,
             "pid": os.getpid(),
         }

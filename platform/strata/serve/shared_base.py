@@ -12,6 +12,11 @@ greedy tokens (its info says `method: qlora`).
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -23,6 +28,8 @@ from strata.registry import ResolvedModel, pin, resolve_model
 from strata.serve.adapter_sources import AdapterSource, adapter_source, fetched_adapter
 from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.precision import to_serving_precision
+
+logger = logging.getLogger("ray.serve")  # the replica's own log file
 
 
 class SharedBase:
@@ -49,6 +56,10 @@ class SharedBase:
         self.info: dict[str, dict[str, str]] = {}
         for variant in variants:
             self.add(variant, sources[variant.name])
+        self.added: list[VariantConfig] = []  # members added since it started (its `user_config`)
+        self.refused: dict[str, str] = {}  # those of them whose adapter failed to load here: why
+        self._loading = threading.Lock()
+        self._last_try = 0.0
 
     def add(
         self,
@@ -69,3 +80,48 @@ class SharedBase:
                 self.adapters.add(variant.name, adapter_dir)
             self.adapter_of[variant.name] = variant.name if adapter_dir else BASE_ADAPTER
             self.info[variant.name] = {**source.info, **self.precision}
+
+    def serve_added(self, members: list[VariantConfig], splicing: Callable[[], AbstractContextManager]) -> None:
+        """Serve the members added to the group (its `user_config`, all of them each time): load each it does not
+        serve yet. One that fails is left out, its error kept in `refused`, and tried again by `retry_refused`;
+        it never raises (Serve stops a replica whose reconfigure raises, and every variant it serves with it)."""
+        with self._loading:
+            self.added = members
+            names = {m.name for m in members}
+            self.refused = {name: why for name, why in self.refused.items() if name in names}  # taken back out
+            self._load_missing(splicing)
+
+    def retry_refused(self, splicing: Callable[[], AbstractContextManager]) -> None:
+        """Try the refused members again, on a thread of their own, at most every ADAPTER_RETRY_S: a download that
+        failed when this replica started (the registry or S3 unreachable for a moment) must not leave the variant
+        answering 503 here until the group's config next changes. The replica's health check calls it."""
+        if not self.refused or time.monotonic() - self._last_try < adapter_retry_s():
+            return
+        if self._loading.acquire(blocking=False):
+
+            def retry() -> None:
+                try:
+                    self._load_missing(splicing)
+                finally:
+                    self._loading.release()
+
+            threading.Thread(target=retry, name="strata-adapter-retry", daemon=True).start()
+
+    def _load_missing(self, splicing: Callable[[], AbstractContextManager]) -> None:
+        from strata.serve.loading import on_passing_thread
+
+        for variant in self.added:
+            if variant.name in self.adapter_of:
+                continue
+            try:
+                on_passing_thread(functools.partial(self.add, variant, splicing=splicing))
+                self.refused.pop(variant.name, None)
+            except Exception as err:  # noqa: BLE001 - a bad adapter (any error of loading it) costs its variant only
+                self.refused[variant.name] = f"{type(err).__name__}: {err}"
+                logger.error("variant %r left out: %s", variant.name, self.refused[variant.name])
+        self._last_try = time.monotonic()
+
+
+def adapter_retry_s() -> float:
+    """How long a replica waits before loading a refused adapter again: $STRATA_ADAPTER_RETRY_S, else 60 s."""
+    return float(os.environ.get("STRATA_ADAPTER_RETRY_S", "60"))
