@@ -57,7 +57,9 @@ def test_a_version_is_downloaded_once_and_then_read_from_the_cache(cache):
     shutil.rmtree(stored_files(uri))  # the store lost the files: only the cache has them now
     assert registry.cached_version(uri) == first
     assert (first / "weights.txt").read_text() == "v1 weights"
-    assert sorted(p.name for p in first.parent.iterdir() if not p.name.endswith(".lock")) == [first.name]
+    assert sorted(p.name for p in first.parent.iterdir() if not p.name.endswith((".lock", ".files.json"))) == [
+        first.name
+    ]
 
 
 def test_a_model_registered_again_under_its_old_name_never_serves_the_old_files(cache):
@@ -84,6 +86,35 @@ def test_a_download_that_fails_leaves_nothing_cached_and_the_next_one_is_whole(c
     weights.unlink()
     kept.rename(weights)
     assert (registry.cached_version(uri) / "weights.txt").read_text() == "whole weights"
+
+
+def test_a_cached_version_whose_files_changed_is_downloaded_again_never_loaded(cache, caplog):
+    """Real faults on the cache's own files: one truncated (a full disk), one deleted, one added by hand. Each read
+    after finds it out from the sizes recorded at download and fetches the version again; the store is untouched."""
+    client = MlflowClient()
+    run = client.create_run(tracking.ensure_experiment("cache-test"))
+    client.log_text(run.info.run_id, "the weights", "model/weights.txt")
+    client.log_text(run.info.run_id, '{"layers": 2}', "model/config.json")
+    client.create_registered_model(MODEL)
+    version = client.create_model_version(MODEL, f"{run.info.artifact_uri}/model", run.info.run_id)
+    uri = f"models:/{MODEL}/{version.version}"
+    cached = registry.cached_version(uri)
+    assert {p.name for p in cached.iterdir()} == {"weights.txt", "config.json"}
+
+    for fault, seen in (
+        (lambda: os.truncate(cached / "weights.txt", 3), "resized: weights.txt"),
+        (lambda: (cached / "config.json").unlink(), "missing: config.json"),
+        (lambda: (cached / "adapter_config.json").write_text("{}"), "added: adapter_config.json"),
+    ):
+        fault()
+        caplog.clear()
+        assert registry.cached_version(uri) == cached
+        assert (cached / "weights.txt").read_text() == "the weights"
+        assert {p.name for p in cached.iterdir()} == {"weights.txt", "config.json"}, seen
+        assert seen in caplog.text and "downloading it again" in caplog.text
+    caplog.clear()
+    assert registry.cached_version(uri) == cached and "downloading it again" not in caplog.text  # whole: read as is
+    assert [p.name for p in cached.parent.iterdir() if p.name.endswith(".partial")] == []
 
 
 def test_a_download_killed_mid_way_is_cleared_by_the_next_one(cache):

@@ -8,6 +8,8 @@ directory that serving and fine-tuning load with `from_pretrained`, and needs no
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +31,8 @@ HF_ARTIFACT = "hf_model"
 DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0}
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow")
 EVICT_AFTER_IDLE_S = 3600  # a cached version read this recently is never evicted
+
+log = logging.getLogger(__name__)
 
 
 class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
@@ -222,7 +226,9 @@ def cached_version(pinned: str) -> Path:
     change, and its key holds the store and the logged model it points to, so a store made again at the same path
     never serves an older model's files. One process downloads while the others on the node wait on its lock (a
     flock, dropped when its holder dies); the download is renamed into place whole, so a process killed mid-way
-    leaves nothing that looks cached, and the next holder of the lock clears what it left. Each read marks the
+    leaves nothing that looks cached, and the next holder of the lock clears what it left. Beside each version lies
+    the list of its files and their sizes, checked at every read: a version whose files were truncated, deleted or
+    added to since (a full disk, a hand in the cache) is downloaded again, never loaded. Each read marks the
     version used; a download past the cache's budget evicts the versions least recently used."""
     name, _, version = pinned.removeprefix("models:/").partition("/")
     found = MlflowClient().get_model_version(name, version)
@@ -232,11 +238,16 @@ def cached_version(pinned: str) -> Path:
     partial = partial_path(cached)
     with version_lock(cached):
         if cached.is_dir():  # downloaded before, or by another process while this one waited
-            os.utime(cached)  # used now: the last to be evicted
-            return cached
+            changed = changed_files(cached)
+            if not changed:
+                os.utime(cached)  # used now: the last to be evicted
+                return cached
+            log.warning("cached %s changed since its download (%s): downloading it again", pinned, changed)
+            cached.rename(partial)  # out of place first: never read half-deleted
         shutil.rmtree(partial, ignore_errors=True)
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
+            manifest_path(cached).write_text(json.dumps(file_sizes(partial)))
             partial.rename(cached)
             os.utime(cached)  # used now (a long download's directory is as old as its start)
         finally:
@@ -253,6 +264,33 @@ def partial_path(cached: Path) -> Path:
     return cached.with_name(f".{cached.name}.partial")
 
 
+def manifest_path(cached: Path) -> Path:
+    return cached.with_name(f".{cached.name}.files.json")
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Each file under `directory`, by its path there, and its size in bytes."""
+    return {f.relative_to(directory).as_posix(): f.stat().st_size for f in directory.rglob("*") if f.is_file()}
+
+
+def changed_files(cached: Path) -> str | None:
+    """How a cached version's files differ from those it was downloaded with, or None. Sizes, not contents: a
+    stat per file at each read, where hashing would read every weight again."""
+    try:
+        recorded = json.loads(manifest_path(cached).read_text())
+    except (OSError, ValueError):
+        return "no list of its files"
+    found = file_sizes(cached)
+    missing, added = sorted(recorded.keys() - found.keys()), sorted(found.keys() - recorded.keys())
+    resized = sorted(f for f in recorded.keys() & found.keys() if recorded[f] != found[f])
+    parts = [
+        f"{what}: {', '.join(files)}"
+        for what, files in (("missing", missing), ("added", added), ("resized", resized))
+        if files
+    ]
+    return "; ".join(parts) or None
+
+
 def cache_budget_bytes() -> float:
     """$STRATA_CACHE_MAX_GB (default 200): past it, a download evicts the least recently used versions."""
     return float(os.environ.get("STRATA_CACHE_MAX_GB", "200")) * 1e9
@@ -264,7 +302,7 @@ def evict_unused(models: Path, budget_bytes: float) -> list[Path]:
     loading it. Each goes under its own lock (one being downloaded or read now is skipped), renamed out of place
     before it is deleted, so a half-deleted version never looks cached. Returns what it removed."""
     versions = [v for v in models.glob("*/*") if v.is_dir() and not v.name.startswith(".")]
-    sizes = {v: sum(f.stat().st_size for f in v.rglob("*") if f.is_file()) for v in versions}
+    sizes = {v: sum(file_sizes(v).values()) for v in versions}
     total, removed = sum(sizes.values()), []
     for version in sorted(versions, key=lambda v: v.stat().st_mtime):
         if total <= budget_bytes:
@@ -275,6 +313,7 @@ def evict_unused(models: Path, budget_bytes: float) -> list[Path]:
                     continue
                 version.rename(partial_path(version))
                 shutil.rmtree(partial_path(version))
+                manifest_path(version).unlink(missing_ok=True)
         except Timeout:
             continue
         total -= sizes[version]
