@@ -700,6 +700,61 @@ def test_two_adapters_share_one_replica_and_answer_as_their_merged_models(served
         serve.delete("lora")
 
 
+@pytest.mark.slow
+def test_an_adapter_added_live_is_kept_only_once_every_replica_of_its_group_loaded_it(served, tmp_path, capsys):
+    """A group of two replicas, one of which the kernel refuses the new adapter's weights (fanotify: a real fault,
+    as on a node that cannot read the path): the variant added live loads on one replica and fails on the other,
+    and is taken back out, naming how many replicas failed. Once the file opens again, the same add is served by
+    both."""
+    from lora_adapters import make_adapter
+    from open_denied import open_denied
+    from ray import serve
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    from strata.cli import main
+    from strata.config import ServeConfig
+    from strata.serve import deploy
+
+    adapters = {n: make_adapter(served["stable_dir"], tmp_path / n, seed) for seed, n in enumerate(("a", "c"), 1)}
+    engine = {"max_batch_size": 4, "stream_interval_s": 0.0, "dtype": "float32"}
+    variant = {"model": f"models:/{MODEL}/1", "replica_group": "duo", "num_cpus": 0.2, "num_replicas": 2}
+    base = served["config"]
+    config = ServeConfig(
+        model_name="strata-duo",
+        variants=[{"name": "a", "adapter": str(adapters["a"]), "engine": engine, **variant}],
+        tracking_uri=base.tracking_uri,
+        auth=base.auth,
+        audit=base.audit,
+        router_num_cpus=0.1,
+    )
+    deploy.deploy_application(served["dashboard"], deploy.application(config, "duo", "/duo"))
+    try:
+        deploy.wait_until_running(served["dashboard"], "duo", timeout_s=300)
+        details = ServeSubmissionClient(served["dashboard"]).get_serve_details()
+        replicas = details["applications"]["duo"]["deployments"]["group-duo"]["replicas"]
+        assert len(replicas) == 2
+        add = ["add-variant", "c", "--app", "duo", "--group", "duo", "--adapter", str(adapters["c"])]
+        with open_denied(adapters["c"] / "adapter_model.safetensors", replicas[0]["pid"]) as refused:
+            assert main(add) == 2
+        assert refused, "the replica never tried to open the adapter"
+        err = " ".join(capsys.readouterr().err.split())  # unwrapped: the console folds long lines
+        assert "variant 'c': replica group 'duo' failed to load its adapter on 1 of 2 replicas" in err, err
+        [entry] = [a for a in deploy.running_config(served["dashboard"])["applications"] if a["name"] == "duo"]
+        [server] = [d for d in entry["deployments"] if d["name"] == "group-duo"]
+        assert [v["name"] for v in server["user_config"]["variants"]] == ["a"], "the refused adapter stayed"
+
+        assert main(add) == 0
+        assert "variant 'c' served by replica group 'duo' (2 replicas)" in " ".join(capsys.readouterr().err.split())
+        group = serve.get_deployment_handle("group-duo", app_name="duo")
+        seen = {}
+        for _ in range(40):  # each call reaches one replica: both answer within a few
+            stats = group.stats.remote().result()
+            seen[stats["pid"]] = "c" in stats["info"] and "c" not in stats["refused"]
+        assert seen == {r["pid"]: True for r in replicas}, seen
+    finally:
+        serve.delete("duo")
+
+
 def _stats_or_none(handle) -> dict | None:
     """A deployment's stats, or None while its replica is being replaced."""
     try:

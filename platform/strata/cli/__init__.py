@@ -268,12 +268,15 @@ def cmd_add_variant(args: argparse.Namespace) -> int:
 
     try:
         dashboard = deploy.connect(args.address, start_if_none=False)
-        add_group_variant(dashboard, args.app, args.group, args.name, args.weight, args.adapter, args.model)
+        replicas = add_group_variant(dashboard, args.app, args.group, args.name, args.weight, args.adapter, args.model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if not applied(dashboard, args.app, f"variant {args.name!r}"):
         return 1
-    console.print(f"{args.app}: variant {args.name!r} served by replica group {args.group!r}, weight {args.weight:g}")
+    console.print(
+        f"{args.app}: variant {args.name!r} served by replica group {args.group!r} "
+        f"({replicas} replica{'s' if replicas != 1 else ''}), weight {args.weight:g}"
+    )
     return 0
 
 

@@ -79,6 +79,7 @@ class ModelServer:
             return shared, shared.model, shared.tokenizer, shared.info
 
         self.shared, model, self.tokenizer, self.info = on_passing_thread(load)
+        self.revision: str | None = None  # of the last `user_config` applied
         self.token_bytes = token_bytes(self.tokenizer)  # what logprobs report of each token
         # Metrics and hooks record their failures here (logged, counted): observability never fails a request.
         self.observer_errors = ObservabilityErrors()
@@ -126,6 +127,7 @@ class ModelServer:
             raise ValueError("only a replica group's server takes a user_config (its `variants`)")
         members = [VariantConfig.model_validate(v) for v in user_config.get("variants", [])]
         self.shared.serve_added(members, splicing=self.engine.paused)
+        self.revision = user_config.get("revision")  # which config `stats` answers for: a verdict is never stale
 
     def _record_step(self, stats: StepStats) -> None:
         """Runs on an engine thread after every iteration of one of its loops (one at a time; the stats are the
@@ -338,6 +340,7 @@ class ModelServer:
             "finish_reasons": dict(self.finish_reasons),
             "info": self.info,
             "refused": dict(self.shared.refused) if self.shared else {},
+            "revision": self.revision,
             "replica": replica,
             "pid": os.getpid(),
         }

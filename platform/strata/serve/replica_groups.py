@@ -5,15 +5,18 @@ live stays out of the args: it goes to the `user_config` of its group's deployme
 adapter into the running replicas (and into any replica started later), and to the router's, which sends its
 share of the traffic to the group's handle. Each is a config Serve applies with `reconfigure`, restarting nothing:
 the base stays loaded and requests in flight go on. The group's config goes first, and the router's only once the
-group serves the variant, so no request for it meets a replica that has not loaded it yet; an adapter the replicas
-fail to load is taken back out, and the router never hears of it.
+group serves the variant, so no request for it meets a replica that has not loaded it yet. Every running replica of
+the group is asked (the handle reaches one at a time, so the answers are gathered until each replica Serve lists has
+given one): an adapter that any of them failed to load is taken back out, and the router never hears of it.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+import uuid
+
+from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.serve.adapter_sources import adapter_source, check_group
@@ -31,12 +34,13 @@ def add_group_variant(
     weight: float,
     adapter: str | None = None,
     model: str | None = None,
-) -> dict[str, Any]:
+) -> int:
     """Serve variant `name` from replica group `group` of the running application `app`, with `weight` in the split:
     the group's base plus `adapter`, or the registered LoRA fine-tune `model` of that base. Its replica settings are
     the group's. Needs this driver connected to the cluster (`deploy.connect`): it asks the group's replicas whether
     they loaded the adapter. ValueError, naming the variant, for one that does not fit the group (checked before
-    Serve sees it) or that its replicas failed to load (then taken back out). Returns the config that was deployed."""
+    Serve sees it) or that any of its replicas failed to load (then taken back out). Returns how many replicas
+    serve it."""
     config = copy.deepcopy(running_config(dashboard_url))
     entries = [a for a in config["applications"] if a["name"] == app]
     if not entries:
@@ -61,43 +65,55 @@ def add_group_variant(
     weights = {**(live.get("weights") or serve_config.initial_weights), name: weight}
     Split(weights, [*known, name])  # refuse bad weights before Serve sees them
 
-    server = f"group-{group}"
+    server, revision = f"group-{group}", uuid.uuid4().hex  # the replicas answer for this config, no older one
     before = deployments.get(server, {"name": server})
     deployments[server] = {
         **before,
-        "user_config": {"variants": [m.model_dump(mode="json") for m in [*members, variant]]},
+        "user_config": {"variants": [m.model_dump(mode="json") for m in [*members, variant]], "revision": revision},
     }
     entry["deployments"] = list(deployments.values())
     deploy(dashboard_url, config)
-    refusal = wait_until_loaded(app, server, name)
-    if refusal:
+    verdicts = every_replicas_verdict(dashboard_url, app, server, name, revision)
+    refusals = [why for why in verdicts.values() if why]
+    if refusals or not verdicts:
         deployments[server] = before
         entry["deployments"] = list(deployments.values())
         deploy(dashboard_url, config)
-        raise ValueError(f"variant {name!r}: replica group {group!r} failed to load its adapter ({refusal}); left out")
-    wait_until_running(dashboard_url, app)  # every replica of the group has it, not only the one that answered
+        failed = f"on {len(refusals)} of {len(verdicts)} replicas ({refusals[0]})" if refusals else "in time"
+        raise ValueError(f"variant {name!r}: replica group {group!r} failed to load its adapter {failed}; left out")
+    wait_until_running(dashboard_url, app)
 
     added_dump = [v.model_dump(mode="json") for v in [*added, variant]]
     deployments[ROUTER] = {**router, "user_config": {**live, "weights": weights, "variants": added_dump}}
     entry["deployments"] = list(deployments.values())
     deploy(dashboard_url, config)
-    return config
+    return len(verdicts)
 
 
-def wait_until_loaded(app: str, server: str, name: str) -> str | None:
-    """Until a replica of deployment `server` serves variant `name` (None) or has refused it (why)."""
+def every_replicas_verdict(
+    dashboard_url: str, app: str, server: str, name: str, revision: str
+) -> dict[str, str | None]:
+    """Each running replica of deployment `server` by its id: None once it serves variant `name`, else why it
+    refused it. Asks until every replica that Serve lists as running (the deployment healthy) has answered for the
+    config `revision`; a replica that has not taken it yet (whose refusal may be an earlier attempt's) is asked
+    again. Empty after LOAD_TIMEOUT_S (the caller takes the variant back out: "failed to load its adapter in time")."""
     from ray import serve
 
     handle = serve.get_deployment_handle(server, app_name=app)
+    client = ServeSubmissionClient(dashboard_url)
+    heard: dict[str, str | None] = {}
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while time.monotonic() < deadline:
         stats = handle.stats.remote().result()
-        if name in stats["info"]:
-            return None
-        if name in stats["refused"]:
-            return stats["refused"][name]
-        time.sleep(0.5)
-    return f"no replica of {server} had loaded it after {LOAD_TIMEOUT_S} s"
+        if stats["revision"] == revision:
+            heard[stats["replica"]] = stats["refused"].get(name)
+        details = client.get_serve_details().get("applications", {}).get(app, {})
+        deployment = details.get("deployments", {}).get(server, {})
+        running = {r["replica_id"] for r in deployment.get("replicas", []) if r["state"] == "RUNNING"}
+        if deployment.get("status") == "HEALTHY" and running and running <= heard.keys():
+            return {replica: heard[replica] for replica in running}
+        time.sleep(0.2)
+    return {}
 
 
 def group_base(members: list[VariantConfig]) -> str:
