@@ -20,7 +20,7 @@ from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
 from strata.serve.adapter_sources import adapter_source, check_group
-from strata.serve.deploy import ROUTER, deploy, running_config, wait_until_running
+from strata.serve.deploy import ROUTER, deploy, running_config
 from strata.serve.routing import Split
 
 LOAD_TIMEOUT_S = 300  # for the group's replicas to download and splice in the adapter
@@ -81,7 +81,6 @@ def add_group_variant(
         deploy(dashboard_url, config)
         failed = f"on {len(refusals)} of {len(verdicts)} replicas ({refusals[0]})" if refusals else "in time"
         raise ValueError(f"variant {name!r}: replica group {group!r} failed to load its adapter {failed}; left out")
-    wait_until_running(dashboard_url, app)
 
     added_dump = [v.model_dump(mode="json") for v in [*added, variant]]
     deployments[ROUTER] = {**router, "user_config": {**live, "weights": weights, "variants": added_dump}}
