@@ -324,8 +324,11 @@ def move_all_traffic_while_streaming(served, url: str) -> list[Sent]:
     stop = threading.Event()
 
     def send_until_stopped(client: int, stream: bool) -> None:
-        """Long streams (they outlast the change), or, as a probe of the new split, one-token completions."""
-        body = {"model": MODEL, "prompt": "class A:\n", "max_tokens": 96 if stream else 1, "stop": ["never!"]}
+        """Long streams, or, as a probe of the new split, one-token completions. A stream runs longer than the split
+        takes to land, and each client's streams have their own length, so the streams (batched together) do not
+        end and restart in step: one is nearly always in flight when the change lands."""
+        max_tokens = 240 + 80 * client if stream else 1
+        body = {"model": MODEL, "prompt": "class A:\n", "max_tokens": max_tokens, "stop": ["never!"]}
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
                 variant, error = None, None
