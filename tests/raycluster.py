@@ -98,19 +98,20 @@ class LocalCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         # Each node's dashboard agent gets its own port: the default (52365) may belong to another Ray here,
         # and a head without its agent refuses job submissions ("No available agent").
         log = (self.temp_dir / f"{name}.log").open("w")  # why a node failed to start, for the assertion
         self.processes[name] = subprocess.Popen(
             [RAY, "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def add_node(self, name: str, cpus: int, resources: dict[str, float]) -> None:
+    def add_node(self, name: str, cpus: int, resources: dict[str, float], env: dict[str, str] | None = None) -> None:
+        """A worker node; `env` is added to the cluster's for this node's processes (its raylet and workers)."""
         before = self.alive_nodes()
         self._start(
             name,
@@ -120,6 +121,7 @@ class LocalCluster:
                 f"--resources={json.dumps(resources)}",
                 f"--node-name={name}",
             ],
+            env,
         )
         deadline = time.time() + 60
         while self.alive_nodes() <= before:

@@ -3,7 +3,8 @@ and the application keeps serving after the command exits; a second deploy joins
 another. The test owns that cluster (its own $RAY_TMPDIR) and stops exactly it, never `ray stop`.
 
 Then against a cluster it did not start: API keys from the deploying shell only, a deploy too big for the cluster,
-and a router that fails at start; each on a head the tests own (`LocalCluster`)."""
+a router that fails at start, and nf4 on a node whose bitsandbytes cannot run; each on a head the tests own
+(`LocalCluster`)."""
 
 from __future__ import annotations
 
@@ -173,3 +174,38 @@ def test_a_router_that_fails_to_start_shows_its_own_error(cluster, tiny_base, st
     assert "failed to deploy" in deployed.stderr, deployed.stderr[-3000:]
     assert "Router:" in deployed.stderr and "FileExistsError" in deployed.stderr, deployed.stderr[-3000:]
     assert str(strata_home / "logs") in deployed.stderr.replace("\n", "")
+
+
+@pytest.mark.slow
+def test_nf4_is_refused_at_deploy_naming_the_node_whose_bitsandbytes_cannot_run(
+    cluster, tiny_base, strata_home, tmp_path
+):
+    """A real fault on one node: its Python finds a bitsandbytes that fails to import, as with a build for another
+    CUDA. The deploying shell and the head run nf4 fine, so only a check on the replica's own node sees it: the deploy
+    is refused naming the variant and that node, before any replica starts. Without that node the same deploy serves."""
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        'raise ImportError("libbitsandbytes_cuda124.so: cannot open shared object file: No such file or directory")\n'
+    )
+    uri = register(MODEL, tiny_base, ["stable"])
+    nf4 = ["--split", "stable=100", "--num-cpus", "0.25", "--quantization", "nf4"]
+    cluster.add_node(
+        "no-bnb", cpus=1, resources={"no_bnb": 1}, env={"PYTHONPATH": f"{broken.parent}:{ROOT / 'platform'}:{ROOT}"}
+    )
+    try:
+        deployed = deploy_to(cluster, strata_home, uri, "nf4", *nf4, "--resources", '{"no_bnb": 1}')
+        assert deployed.returncode == 1, deployed.stderr[-3000:]
+        error = " ".join(deployed.stderr.split())
+        assert "variant 'stable': engine.quantization nf4 needs bitsandbytes, which cannot run on 1 node(s)" in error, (
+            error[-3000:]
+        )
+        assert "no-bnb" in error and "libbitsandbytes_cuda124.so" in error, error[-3000:]
+        deployments = applications(cluster)["nf4"]["deployments"]
+        assert not deployments, deployments  # refused while the application was built: no replica ever started
+    finally:
+        cluster.kill_node("no-bnb")
+
+    deployed = deploy_to(cluster, strata_home, uri, "nf4", *nf4)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    assert complete(f"http://127.0.0.1:{cluster.serve_port}/nf4/v1/completions").status_code == 200

@@ -33,7 +33,6 @@ from strata import paths, tracking
 from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig, replica_groups
 from strata.serve.adapter_sources import check_groups
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
-from strata.serve.precision_checks import check_precisions
 from strata.serve.routing import Split
 
 IMPORT_PATH = "serve_apps.ab:build_app"
@@ -110,7 +109,6 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
             audit={"path": paths.resolve("logs/audit.jsonl")},
             experiment=request.experiment,
         )
-        check_precisions(config)
         check_groups(config)
         return config
     except (ValueError, ValidationError) as err:
