@@ -33,6 +33,7 @@ from strata import paths, tracking
 from strata.config import AuthSettings, ConfigError, EngineSettings, ServeConfig, VariantConfig, replica_groups
 from strata.serve.adapter_sources import check_groups
 from strata.serve.auth import KEYS_ENV, ensure_keys_file, hash_key, read_keys
+from strata.serve.precision_checks import check_precisions
 from strata.serve.routing import Split
 
 IMPORT_PATH = "serve_apps.ab:build_app"
@@ -118,8 +119,9 @@ def serve_config_from_aliases(request: DeployRequest, tracking_uri: str, key_has
 def deploy_aliases(
     request: DeployRequest, log: Callable[[str], None] = print, on_status: Callable[[str], None] | None = None
 ) -> Deployed:
-    """Resolve the aliases, check the cluster has room, deploy the application beside any others, write the deployed
-    `serve deploy` config (so the same deployment can be re-applied by hand) and wait until it runs."""
+    """Resolve the aliases, check the cluster has room and its nodes run each variant's precision, deploy the
+    application beside any others, write the deployed `serve deploy` config (so the same deployment can be re-applied
+    by hand) and wait until it runs."""
     tracking_uri = tracking.use_store()
     keys_file = request.keys_file or ensure_keys_file(log)
     key_hashes = [hash_key(key) for key in read_keys(keys_file)]
@@ -131,6 +133,10 @@ def deploy_aliases(
     dashboard = connect(request.address, num_cpus=request.cluster_cpus)
     if request.check_resources:
         check_fits(dashboard, config, request.app)
+    try:  # on the cluster's nodes, before anything is deployed; the application builder checks again (`serve deploy`)
+        check_precisions(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     serve_config = deploy_application(dashboard, application(config, request.app, request.route_prefix), request.port)
     out = Path(request.out or paths.resolve(f"serve/{request.app}.yaml"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,15 +83,20 @@ def nf4_refusals(variant: VariantConfig) -> dict[str, str]:
             "variant %r: nf4 not checked on %s (busy); its replica checks at load", variant.name, checks[ref]
         )
         ray.cancel(ref, force=True)
-    refusals = {}
+    refusals, checked = {}, 0
     for ref in done:
         try:
             reason = ray.get(ref)
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError) as err:
+            # the node went (a reclaimed spot instance) after Ray listed it as alive: no replica goes there either
+            logger.warning("variant %r: nf4 not checked on %s, which has gone: %s", variant.name, checks[ref], err)
+            continue
         except ray.exceptions.RayError as err:  # the worker died importing or running bitsandbytes' native code
             reason = f"the check's worker failed: {err}"
+        checked += 1
         if reason:
             refusals[checks[ref]] = reason
-    logger.info("variant %r: nf4 checked on %d of %d nodes that fit its replica", variant.name, len(done), len(nodes))
+    logger.info("variant %r: nf4 checked on %d of %d nodes that fit its replica", variant.name, checked, len(nodes))
     return refusals
 
 
