@@ -21,6 +21,7 @@ from strata.models.quantized_experts import QuantizedExpertWeight, dequantize_ex
 from strata.serve.engine import Engine, Output, SamplingParams
 from strata.serve.mixed_lora import BASE_ADAPTER, MixedAdapters
 from strata.serve.precision import to_serving_precision
+from strata.serve.precision_checks import nf4_unavailable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -210,6 +211,12 @@ def test_qlora_on_the_moe_base_takes_a_fraction_of_loras_memory_on_cuda(tmp_path
     ratios = {k: measured["qlora"][k] / measured["lora"][k] for k in ("weights", "train_peak")}
     print("QLoRA/LoRA on the small MoE, CUDA:", measured, ratios)
     assert ratios["weights"] <= 0.35 and ratios["train_peak"] <= 0.45, (measured, ratios)
+
+
+def test_the_deploy_check_quantises_nf4_on_the_gpu_a_replica_would_use():
+    """Where a GPU is visible the node check quantises on it (bitsandbytes' CUDA kernels), so a node whose
+    bitsandbytes lacks them is refused at deploy, not inside its replica."""
+    assert nf4_unavailable() is None
 
 
 def test_each_serving_precision_runs_on_cuda_and_agrees_with_fp32(tiny_base):
