@@ -90,11 +90,11 @@ def test_newcomers_join_a_running_batch_in_groups_or_after_a_bounded_wait(model_
         while not all(c.done.is_set() for c in late):
             engine.step()
 
-        engine.admission_wait_s = 0.05
+        engine.admission_wait_s = 1.0  # long enough that no pause of this machine's admits it early
         submit(PROMPTS[4], lone)
         engine.step()
         assert running_waiting() == (1, 1)
-        time.sleep(0.06)
+        time.sleep(1.05)
         engine.step()
         assert running_waiting() == (2, 0)  # no group came, and it waited long enough
         while not (first.done.is_set() and lone.done.is_set()):
