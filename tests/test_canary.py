@@ -243,7 +243,10 @@ def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path,
     # This test is about the commands, not the checks: latency limits no noisy neighbour can breach, so a step only
     # ends by passing (the checks' own tests are above and below).
     commands_only = dict(max_p99_latency_ms=1e6, max_p99_latency_ratio=1e3, max_ttft_ratio=1e3)
-    cfg = canary_config(release, steps=[10, 20, 30, 40, 100], bake_s=2, thresholds=commands_only)
+    # Steps enough that, wherever the pause and the kill land, the abort comes before the last: a restarted canary
+    # may pass its resumed step at its first tick.
+    steps = [10, 20, 30, 40, 50, 60, 70, 80, 100]
+    cfg = canary_config(release, steps=steps, bake_s=2, thresholds=commands_only)
     config.write_text(yaml.safe_dump(cfg.model_dump(exclude_none=True)))
 
     def status() -> canary.CanaryStatus:
@@ -272,6 +275,7 @@ def test_pause_resume_a_killed_and_restarted_canary_and_abort(release, tmp_path,
         first.send_signal(signal.SIGKILL)  # the canary process dies mid-way: the cluster keeps the split
         first.wait()
         killed_at = status().step
+        assert killed_at + 2 < len(steps), f"killed at step {killed_at + 1} of {len(steps)}: no room left to abort"
         second = canary_process(release, config)
         reached(killed_at + 1, "the restarted canary to advance")
         assert main(["canary", "abort", "--model", MODEL]) == 0

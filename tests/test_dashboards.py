@@ -181,7 +181,9 @@ def test_every_panel_has_data_from_a_live_training_job_and_served_ab_traffic(
                 }
             )
         )
-        killer = WorkerKiller(Path(cfg.checkpoint.resolved_storage_path) / cfg.run_name, after_step=10).start()
+        killer = WorkerKiller(
+            Path(cfg.checkpoint.resolved_storage_path) / cfg.run_name, after_step=5, delay_s=0
+        ).start()
         run_pretraining(cfg)
         assert killer.killed_pid, "the worker kill never happened"
         traffic.send(base_url, "anonymous", "dash", requests=20, concurrency=4)  # traffic while scraped, after training

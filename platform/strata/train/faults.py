@@ -26,13 +26,17 @@ def read_snapshot(run_dir: str | Path) -> str:
         return ""
 
 
+def checkpoint_registered(run_dir: str | Path, step: int) -> bool:
+    """Whether Ray Train has *registered* the checkpoint of `step` (its directory appears earlier, during upload)."""
+    return f"checkpoint_{step:07d}" in read_snapshot(run_dir)
+
+
 def wait_for_checkpoint(run_dir: str | Path, step: int, timeout_s: float = 600) -> None:
-    """Until Ray Train has *registered* the checkpoint of `step` (its directory appears earlier, during upload)."""
-    name = f"checkpoint_{step:07d}"
+    """Until Ray Train has registered the checkpoint of `step`."""
     deadline = time.time() + timeout_s
-    while name not in read_snapshot(run_dir):
+    while not checkpoint_registered(run_dir, step):
         if time.time() > deadline:
-            raise TimeoutError(f"{name} was not registered in {run_dir}/{SNAPSHOT} within {timeout_s:.0f}s")
+            raise TimeoutError(f"checkpoint {step} was not registered in {run_dir}/{SNAPSHOT} within {timeout_s:.0f}s")
         time.sleep(0.05)
 
 
@@ -83,13 +87,28 @@ class WorkerKiller:
         self._thread.start()
         return self
 
+    def _worker_group(self) -> list[psutil.Process]:
+        """The run's workers, once two listings a second apart agree (the whole group has started), or as listed
+        when the checkpoint to kill after is already registered."""
+        listed = None
+        while True:
+            pids = train_worker_pids(self.within_pid)
+            if pids and pids == listed or checkpoint_registered(self.run_dir, self.after_step):
+                return [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+            listed = pids
+            time.sleep(1)
+
     def _run(self) -> None:
+        # Listed before the checkpoint comes: the state API is slow on a busy machine, and the run goes on meanwhile.
+        group = self._worker_group()
         wait_for_checkpoint(self.run_dir, self.after_step)
         time.sleep(self.delay_s)  # a few steps past the checkpoint: the steps a failure without notice costs
-        group = [psutil.Process(pid) for pid in train_worker_pids(self.within_pid)]
-        if not group:
+        if not all(p.is_running() for p in group):  # the group restarted since it was listed
+            group = self._worker_group()
+        try:
+            group[-1].send_signal(signal.SIGKILL)
+        except (IndexError, psutil.NoSuchProcess):  # the run ended first: killed_pid stays None
             return
-        group[-1].send_signal(signal.SIGKILL)
         self.killed_pid, self.killed_at = group[-1].pid, time.time()
         _, alive = psutil.wait_procs(group, timeout=300)
         if not alive:
