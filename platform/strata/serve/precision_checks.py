@@ -1,5 +1,6 @@
-"""The deploy-time check of each variant's precision, before any replica starts: the Serve build of the application
-(`app.build_application`) runs it on every deploy, from `strata deploy` or a plain `serve deploy`.
+"""The deploy-time check of each variant's precision, before any replica starts: `strata deploy` runs it before it
+deploys anything, and the Serve build of the application (`app.build_application`) on every deploy, a plain
+`serve deploy` included.
 
 Whether bitsandbytes runs nf4 is a property of a node (its CUDA, its install), not of the machine that deploys or
 the head that builds the application, which may have no GPU at all. So the nf4 check is a Ray task with the replica's
@@ -18,8 +19,8 @@ from strata.config import ServeConfig, VariantConfig
 
 logger = logging.getLogger(__name__)
 
-NODE_CHECK_WAIT_S = 60  # a node too busy to run the check by then (full with the running version) is left to the
-# replica's own load
+# A node too busy to run the check by then (full with the version now running) is left to the replica's own load.
+NODE_CHECK_WAIT_S = 60
 
 
 def nf4_unavailable() -> str | None:
