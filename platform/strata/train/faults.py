@@ -5,6 +5,7 @@ Ray Train must then restart the worker group from the latest checkpoint; nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -68,6 +69,15 @@ def latest_checkpoint_step(run_dir: str | Path) -> int | None:
     raise RuntimeError(f"{run_dir}/{SNAPSHOT} stayed unreadable")
 
 
+def live_processes(pids: list[int]) -> list[psutil.Process]:
+    """The processes of `pids` that still run: one may end between its listing and this (a finished run)."""
+    processes = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            processes.append(psutil.Process(pid))
+    return processes
+
+
 class WorkerKiller:
     """A background thread that SIGKILLs one training worker `delay_s` after checkpoint `after_step` is registered.
 
@@ -94,7 +104,7 @@ class WorkerKiller:
         while True:
             pids = train_worker_pids(self.within_pid)
             if pids and pids == listed or checkpoint_registered(self.run_dir, self.after_step):
-                return [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+                return live_processes(pids)
             listed = pids
             time.sleep(1)
 
