@@ -117,9 +117,10 @@ def deploy_candidate(release, candidate_dir: Path, eval_loss: float = 1.9) -> st
     port = int(release["url"].rsplit(":", 1)[1])
     deploy.deploy_application(release["dashboard"], deploy.application(config, APP), port)
     deploy.wait_until_running(release["dashboard"], APP, timeout_s=300)
-    # Each replica's first requests are its slowest (lazy kernels, allocator): served before the canary starts, so
-    # that a good candidate's first step is not judged on one cold request against a warm stable. The broken one is
-    # left alone: a request could break its engine before the canary sees it.
+    # A replica warms its own engine before it is ready; the first requests to a variant through the proxy and the
+    # router (their handles, connections) are still the slowest: served before the canary starts, so that a good
+    # candidate's first step is not judged on cold requests against a warm stable. The broken one is left alone: a
+    # request could break its engine before the canary sees it.
     for variant in ("stable",) if candidate_dir == release["broken"] else ("stable", "fast"):
         for _ in range(3):
             body = {"model": f"{MODEL}:{variant}", "prompt": "def f(", "max_tokens": 4}

@@ -11,6 +11,7 @@ from openai_reference import model_logprobs, openai_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.serve.engine import Engine, Output, SamplingParams, bucket
+from strata.serve.engine_loops import EngineLoops
 
 PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __init__(self, text):\n", "x = 1", "#"]
 
@@ -323,6 +324,45 @@ def test_a_failing_model_ends_every_request_with_an_error(model_and_tokenizer):
     assert "RuntimeError" in engine.failure
     with pytest.raises(RuntimeError, match="stopped after a failure"):
         engine.submit(ids, SamplingParams(max_tokens=1), Collector())
+
+
+def test_the_warm_up_generates_on_every_loops_thread_and_leaves_no_trace(model_and_tokenizer):
+    """A replica's warm-up runs a forward on each loop's own thread (whose lazy set-up it is there to pay), yet
+    neither the step callback (the replica's metrics) nor the engine's counters see it; real requests count as ever."""
+    model, tokenizer = model_and_tokenizer
+    threads: list[str] = []
+    hook = model.register_forward_pre_hook(lambda module, args: threads.append(threading.current_thread().name))
+    reported: list = []
+    loops = EngineLoops(model, tokenizer, loops=2, max_batch_size=4, on_step=reported.append, torch_threads=1)
+    loops.start()
+    try:
+        assert loops.warm_up([None]) > 0
+        assert sorted(set(threads)) == ["strata-engine-0", "strata-engine-1"]
+        counted = loops.stats()
+        assert reported == [] and counted["steps"] == counted["tokens"] == counted["finished"] == 0
+        collector = Collector()
+        loops.submit(tokenizer.encode(PROMPTS[0], add_special_tokens=False), SamplingParams(4, 0.0), collector)
+        assert collector.done.wait(60)
+        assert reported and loops.stats()["finished"] == 1
+    finally:
+        hook.remove()
+        loops.stop()
+
+
+def test_a_model_that_cannot_generate_fails_its_warm_up_naming_why(model_and_tokenizer):
+    """The replica calls this before it is ready: a model whose forward fails must never take a request."""
+    model, tokenizer = model_and_tokenizer
+    loops = EngineLoops(model, tokenizer, loops=1, max_batch_size=2)
+    layer = model.model.layers[0].self_attn.q_proj
+    weight = layer.weight
+    layer.weight = torch.nn.Parameter(torch.zeros(3, 3))  # the fault
+    try:
+        loops.start()
+        with pytest.raises(RuntimeError, match="failed its warm-up generation: RuntimeError"):
+            loops.warm_up([None])
+    finally:
+        layer.weight = weight
+        loops.stop()
 
 
 # -- the end of a chat turn ends generation ---------------------------------------------------------------------------

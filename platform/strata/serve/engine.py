@@ -196,6 +196,12 @@ class Engine:
         """Requests in this engine (running, being admitted, waiting): where `EngineLoops` sends the next one."""
         return len(self.rows) + sum(map(len, self._admitting)) + len(self._waiting)
 
+    def forget_counts(self) -> None:
+        """Start the counters `stats` reports afresh (after a warm-up, which is not traffic). Call it between steps
+        (holding `model_lock`): a step updates them at its end."""
+        self.finished = self.cancelled = self.failed = self.steps = self.tokens = 0
+        self.busy_seconds = 0.0
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             waiting = len(self._waiting)

@@ -14,15 +14,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from strata.serve.engine import Engine, Sink, StepStats
+from strata.serve.engine import Engine, Output, Sink, StepStats
 from strata.serve.metrics import ObservabilityErrors
 from strata.serve.sampling import SamplingParams
+
+WARM_UP_PROMPT = "Hello"
+WARM_UP_TOKENS = 16  # a prefill and a short reply's decode steps, each cache length a new shape the first time
+WARM_UP_TIMEOUT_S = 600.0
 
 
 class EngineLoops:
@@ -67,6 +72,45 @@ class EngineLoops:
     def start(self) -> None:
         for loop, engine in enumerate(self.engines):
             threading.Thread(target=engine.run, name=f"strata-engine-{loop}", daemon=True).start()
+
+    def warm_up(self, adapters: list[str | None]) -> float:
+        """Generate WARM_UP_TOKENS greedy tokens on every loop, a row for each of `adapters` (None: the plain
+        model), and forget them; the seconds it took. The first forwards on a thread pay for lazy set-up (on a GPU
+        the CUDA context, cuBLAS handles and the allocator's pools; on a CPU the loop's OpenMP team, each new cache
+        shape's allocations), which a replica should pay before it is ready rather than in its first client's
+        request, where a canary would judge it. The warm-up reaches neither `on_step` nor the counters `stats`
+        reports. A model that cannot generate raises RuntimeError: a replica that would fail its first request
+        must not become ready."""
+        started = time.perf_counter()
+        prompt = self.tokenizer.encode(WARM_UP_PROMPT, add_special_tokens=False) or [self.tokenizer.eos_token_id or 0]
+        first = self.engines[0]
+        room = min(first.max_context, first.kv_cache_tokens or first.max_context) - len(prompt)  # a small KV budget
+        never_ends = {token: -1e9 for token in first.eos_token_ids}  # every row decodes all its tokens
+        params = SamplingParams(max_tokens=max(1, min(WARM_UP_TOKENS, room)), temperature=0.0, logit_bias=never_ends)
+        finished: list[Output] = []
+        each_finish = threading.Semaphore(0)
+
+        def sink(output: Output) -> None:
+            if output.finish_reason:
+                finished.append(output)
+                each_finish.release()
+
+        on_step, self.on_step = self.on_step, None
+        try:
+            for engine in self.engines:  # to each loop, not the least loaded: every loop's thread must warm
+                for adapter in adapters:
+                    engine.submit(prompt, params, sink, adapter)
+            for _ in range(len(self.engines) * len(adapters)):
+                if not each_finish.acquire(timeout=WARM_UP_TIMEOUT_S):
+                    raise RuntimeError(f"the warm-up generation did not finish in {WARM_UP_TIMEOUT_S:.0f} s")
+            with self.paused():  # the steps that answered have ended, and counted
+                for engine in self.engines:
+                    engine.forget_counts()
+        finally:
+            self.on_step = on_step
+        if failed := next((output.error for output in finished if output.finish_reason == "error"), None):
+            raise RuntimeError(f"the model failed its warm-up generation: {failed}")
+        return time.perf_counter() - started
 
     def stop(self) -> None:
         for engine in self.engines:

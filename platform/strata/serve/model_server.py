@@ -45,6 +45,10 @@ def _nonzero(counts) -> list[tuple[tuple[int, int], int]]:
 class ModelServer:
     """One model version behind a continuous-batching engine. Its `generate` streams chunks of text.
 
+    Before it is ready, each engine loop generates a few tokens (`EngineLoops.warm_up`), kept out of the metrics: the
+    first request on a fresh replica is then no slower than the next, and a model that cannot generate never becomes
+    ready (Serve retries the replica, and the deploy reports why).
+
     The first chunk is either an error (the prompt does not fit, or its prefill failed) or the result of the
     prefill, so a caller knows whether the request was accepted before it answers its client.
 
@@ -119,6 +123,10 @@ class ModelServer:
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
         self.engine.start()
+        adapters = list(dict.fromkeys(self.shared.adapter_of.values())) if self.shared else [None]
+        seconds = self.engine.warm_up(adapters)
+        self.experts.take()  # the warm-up's routed tokens are not traffic
+        logger.info("warmed up in %.2f s: %d loop(s) x %d adapter(s)", seconds, settings.loops, len(adapters))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A replica group's members added since it started (`variants`): each new one's adapter is spliced in
