@@ -189,6 +189,7 @@ def test_promotion_refuses_if_the_alias_moved_while_it_checked_its_gates(client,
     deadline = time.monotonic() + 60
     while not (strata_home / "go.waiting").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)  # until it has read its gates
+    assert (strata_home / "go.waiting").exists(), proc.stderr.read() if proc.poll() is not None else "no gates read"
     promote(MODEL, quick, "fast")  # this one moves the alias while `proc` waits between gates and lock
     go.touch()
     assert proc.wait(timeout=120) == 1
