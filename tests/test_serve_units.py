@@ -434,3 +434,37 @@ def test_a_loop_gone_idle_no_longer_adds_its_last_batch_to_the_replicas():
     loops._stepped(1, StepStats(4, 0, 4, 64, 4))
     loops._stepped(1, StepStats(4, 1, 4, 80, 4))
     assert [(s.batch_size, s.running, s.queue_length) for s in reported] == [(8, 0, 0), (4, 4, 0), (4, 4, 1)]
+
+
+def test_a_fresh_model_server_has_warmed_up_yet_reports_no_traffic(tiny_base):
+    """The replica's warm-up generation runs before the constructor returns (Serve's ready), and its tokens reach
+    none of what the replica reports: its engine's counters and the expert load it exports."""
+    import logging
+
+    import torch
+
+    from strata.serve.model_server import ModelServer
+    from strata.serve.sampling import SamplingParams
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("ray.serve").addHandler(handler)
+    variant = {"name": "stable", "model": str(tiny_base), "engine": {"torch_threads": torch.get_num_threads()}}
+    try:
+        server = ModelServer.func_or_class("strata-tiny", variant, None)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    try:
+        assert any(line.startswith("warmed up in") for line in said), said
+        counted = server.engine.stats()
+        assert counted["steps"] == counted["tokens"] == counted["finished"] == counted["busy_seconds"] == 0
+        assert server.experts.take().tokens_per_expert.sum() == 0
+        done = threading.Event()
+        server.engine.submit(
+            [5, 6, 7], SamplingParams(max_tokens=4), lambda output: output.finish_reason and done.set()
+        )
+        assert done.wait(60) and server.engine.stats()["finished"] == 1
+        assert server.engine.stats()["observability_errors"] == 0  # the metrics, the expert load among them, exported
+    finally:
+        server.engine.stop()

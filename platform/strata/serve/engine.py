@@ -149,12 +149,7 @@ class Engine:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (rows, cache length)
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # sampled, not yet fed
-        self.finished = 0
-        self.cancelled = 0
-        self.failed = 0
-        self.steps = 0
-        self.tokens = 0  # generated, including those of cancelled requests
-        self.busy_seconds = 0.0
+        self.forget_counts()  # requests finished, cancelled and failed; steps, tokens and busy seconds
 
     # -- API used by other threads ------------------------------------------------------------------------------
 
@@ -197,8 +192,8 @@ class Engine:
         return len(self.rows) + sum(map(len, self._admitting)) + len(self._waiting)
 
     def forget_counts(self) -> None:
-        """Start the counters `stats` reports afresh (after a warm-up, which is not traffic). Call it between steps
-        (holding `model_lock`): a step updates them at its end."""
+        """The counters `stats` reports, from zero (a warm-up is not traffic). Between steps (under `model_lock`):
+        a step updates them at its end. `tokens` counts every generated token, cancelled requests' too."""
         self.finished = self.cancelled = self.failed = self.steps = self.tokens = 0
         self.busy_seconds = 0.0
 

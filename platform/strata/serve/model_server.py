@@ -37,17 +37,9 @@ logger = logging.getLogger("ray.serve")  # the replica's own log file
 METRICS_INTERVAL_S = 1.0  # how often a replica exports its engine's batch, queue, token and expert metrics
 
 
-def _nonzero(counts) -> list[tuple[tuple[int, int], int]]:
-    return [((int(i), int(j)), int(counts[i, j])) for i, j in counts.nonzero().tolist()]
-
-
 @serve.deployment
 class ModelServer:
     """One model version behind a continuous-batching engine. Its `generate` streams chunks of text.
-
-    Before it is ready, each engine loop generates a few tokens (`EngineLoops.warm_up`), kept out of the metrics: the
-    first request on a fresh replica is then no slower than the next, and a model that cannot generate never becomes
-    ready (Serve retries the replica, and the deploy reports why).
 
     The first chunk is either an error (the prompt does not fit, or its prefill failed) or the result of the
     prefill, so a caller knows whether the request was accepted before it answers its client.
@@ -123,6 +115,8 @@ class ModelServer:
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
         self.engine.start()
+        # Warm before ready: a fresh replica's first request no slower than the next, a model that cannot generate
+        # never ready (Serve retries the replica, and the deploy says why).
         adapters = list(dict.fromkeys(self.shared.adapter_of.values())) if self.shared else [None]
         seconds = self.engine.warm_up(adapters)
         self.experts.take()  # the warm-up's routed tokens are not traffic
@@ -163,8 +157,9 @@ class ModelServer:
 
     def _export_expert_load(self) -> None:
         """Tokens routed to each expert since the last export: the one device-to-host copy of the expert counts."""
-        for (layer, expert), count in _nonzero(self.experts.take().tokens_per_expert):
-            self.expert_tokens.inc(count, tags={"layer": str(layer), "expert": str(expert)})
+        counts = self.experts.take().tokens_per_expert
+        for layer, expert in counts.nonzero().tolist():
+            self.expert_tokens.inc(int(counts[layer, expert]), tags={"layer": str(layer), "expert": str(expert)})
 
     def prompt_ids(self, request: dict[str, Any]) -> list[list[int]]:
         """Each prompt's token ids: the chat template applied to the messages, or each completion prompt."""
