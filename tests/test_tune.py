@@ -171,6 +171,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, r
     path = write_sweep(strata_home, registered_base, sft_file, scheduler={"type": "fifo"}, max_steps=10)
     env = {**os.environ, "STRATA_HOME": str(strata_home), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    # Tune saves its experiment state at most every 10 s by default: on a fast machine the second trial could
+    # finish before the saved state shows the first as finished. Saved at every turn of its loop, it shows at once.
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
     command = [sys.executable, str(ROOT / "jobs/tune.py"), "--config", str(path)]
     log = (strata_home / "first.log").open("w")
     first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
