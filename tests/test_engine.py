@@ -343,9 +343,26 @@ def test_the_warm_up_generates_on_every_loops_thread_and_leaves_no_trace(model_a
         collector = Collector()
         loops.submit(tokenizer.encode(PROMPTS[0], add_special_tokens=False), SamplingParams(4, 0.0), collector)
         assert collector.done.wait(60)
+        deadline = time.monotonic() + 60  # the step that answered counts it, and reports, just after
+        while not (reported and loops.stats()["finished"] == 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert reported and loops.stats()["finished"] == 1
     finally:
         hook.remove()
+        loops.stop()
+
+
+def test_the_warm_up_fits_a_kv_cache_budget_smaller_than_its_prompt_and_tokens(model_and_tokenizer):
+    """A replica with a tiny KV budget (3 tokens a loop here) still serves short requests: its warm-up must fit."""
+    model, tokenizer = model_and_tokenizer
+    loops = EngineLoops(model, tokenizer, loops=1, max_batch_size=2, kv_cache_tokens=3)
+    loops.start()
+    try:
+        loops.warm_up([None])
+        collector = Collector()
+        loops.submit([5], SamplingParams(2, 0.0), collector)
+        assert collector.done.wait(60) and collector.outputs[-1].finish_reason == "length"
+    finally:
         loops.stop()
 
 

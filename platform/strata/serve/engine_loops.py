@@ -82,11 +82,14 @@ class EngineLoops:
         reports. A model that cannot generate raises RuntimeError: a replica that would fail its first request
         must not become ready."""
         started = time.perf_counter()
-        prompt = self.tokenizer.encode(WARM_UP_PROMPT, add_special_tokens=False) or [self.tokenizer.eos_token_id or 0]
         first = self.engines[0]
-        room = min(first.max_context, first.kv_cache_tokens or first.max_context) - len(prompt)  # a small KV budget
-        never_ends = {token: -1e9 for token in first.eos_token_ids}  # every row decodes all its tokens
-        params = SamplingParams(max_tokens=max(1, min(WARM_UP_TOKENS, room)), temperature=0.0, logit_bias=never_ends)
+        budget = min(first.max_context, first.kv_cache_tokens or first.max_context)  # a small KV budget cuts it
+        prompt = self.tokenizer.encode(WARM_UP_PROMPT, add_special_tokens=False) or [self.tokenizer.eos_token_id or 0]
+        prompt = prompt[: max(1, budget - 1)]
+        vocab = self.model.config.vocab_size
+        never_ends = {token: -1e9 for token in first.eos_token_ids if token < vocab}  # every row decodes them all
+        tokens = max(1, min(WARM_UP_TOKENS, budget - len(prompt)))
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, logit_bias=never_ends)
         finished: list[Output] = []
         each_finish = threading.Semaphore(0)
 
@@ -96,20 +99,24 @@ class EngineLoops:
                 each_finish.release()
 
         on_step, self.on_step = self.on_step, None
+        deadline = started + WARM_UP_TIMEOUT_S
         try:
             for engine in self.engines:  # to each loop, not the least loaded: every loop's thread must warm
                 for adapter in adapters:
                     engine.submit(prompt, params, sink, adapter)
             for _ in range(len(self.engines) * len(adapters)):
-                if not each_finish.acquire(timeout=WARM_UP_TIMEOUT_S):
+                if not each_finish.acquire(timeout=max(0.0, deadline - time.perf_counter())):
                     raise RuntimeError(f"the warm-up generation did not finish in {WARM_UP_TIMEOUT_S:.0f} s")
+            if failed := next((output.error for output in finished if output.finish_reason == "error"), None):
+                raise RuntimeError(f"the model failed its warm-up generation: {failed}")
             with self.paused():  # the steps that answered have ended, and counted
                 for engine in self.engines:
                     engine.forget_counts()
+        except BaseException:
+            self.stop()  # the replica will not serve: no loop is left running
+            raise
         finally:
             self.on_step = on_step
-        if failed := next((output.error for output in finished if output.finish_reason == "error"), None):
-            raise RuntimeError(f"the model failed its warm-up generation: {failed}")
         return time.perf_counter() - started
 
     def stop(self) -> None:
