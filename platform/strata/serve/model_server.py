@@ -115,8 +115,8 @@ class ModelServer:
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
         self.engine.start()
-        # Warm before ready: a fresh replica's first request no slower than the next, a model that cannot generate
-        # never ready (Serve retries the replica, and the deploy says why).
+        # Warm before ready: one-time set-up paid here, not by a client, and a model that cannot generate never
+        # ready (Serve retries the replica, and the deploy says why). Each new prompt length still pays its own first.
         adapters = list(dict.fromkeys(self.shared.adapter_of.values())) if self.shared else [None]
         seconds = self.engine.warm_up(adapters)
         self.experts.take()  # the warm-up's routed tokens are not traffic
