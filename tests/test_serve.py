@@ -536,7 +536,7 @@ def test_an_autoscaled_base_plus_adapter_variant_serves_the_merged_model_and_sca
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0
     get_peft_model(AutoModelForCausalLM.from_pretrained(served["stable_dir"]), lora).save_pretrained(tmp_path)
     autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2}
-    autoscaling |= {"upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2}
+    autoscaling |= {"upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 11}
     variant = {"name": "tuned", "model": f"models:/{MODEL}/1", "adapter": str(tmp_path), "num_cpus": 0.1}
     variant |= {
         "autoscaling": autoscaling,
@@ -805,6 +805,9 @@ def test_serve_config_errors_name_the_field():
         ServeConfig.model_validate({"model_name": "m", "variants": variants, "weights": {"canary": 1}})
     with pytest.raises(ValidationError, match="variants.0.engine.max_batch_sise"):
         ServeConfig.model_validate({"model_name": "m", "variants": [{**variants[0], "engine": {"max_batch_sise": 4}}]})
+    too_short = {**variants[0], "autoscaling": {"look_back_period_s": 2}}
+    with pytest.raises(ValidationError, match=r"variants.0.autoscaling.look_back_period_s\n.*greater than 10"):
+        ServeConfig.model_validate({"model_name": "m", "variants": [too_short]})
 
 
 @pytest.mark.slow

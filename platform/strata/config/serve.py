@@ -71,6 +71,9 @@ class EngineSettings(StrictModel):
         return self
 
 
+SERVE_METRICS_PUSH_INTERVAL_S = 10.0  # ray.serve.config.DEFAULT_METRICS_INTERVAL_S
+
+
 class AutoscalingSettings(StrictModel):
     """Serve's request-based autoscaling of one variant's replicas (its `autoscaling_config`)."""
 
@@ -79,7 +82,12 @@ class AutoscalingSettings(StrictModel):
     target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica to aim for.")
     upscale_delay_s: float = Field(30, ge=0, description="Load must stay high this long before a replica is added.")
     downscale_delay_s: float = Field(600, ge=0, description="Load must stay low this long before one is removed.")
-    look_back_period_s: float = Field(30, gt=0, description="The window the load is averaged over.")
+    look_back_period_s: float = Field(
+        30,
+        gt=SERVE_METRICS_PUSH_INTERVAL_S,
+        description="The window the load is averaged over. It must span more than one of Serve's load reports, "
+        "which replicas and handles push every 10 s (Serve warns below that, and will refuse in a later release).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:
