@@ -11,7 +11,7 @@ from openai_reference import model_logprobs, openai_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from strata.serve.engine import Engine, Output, SamplingParams, bucket
-from strata.serve.engine_loops import EngineLoops
+from strata.serve.engine_loops import WARM_UP_LONGEST_PROMPT, EngineLoops
 
 PROMPTS = ["def main(", "import os\nimport sys\n", "class Parser:\n    def __init__(self, text):\n", "x = 1", "#"]
 
@@ -327,17 +327,26 @@ def test_a_failing_model_ends_every_request_with_an_error(model_and_tokenizer):
 
 
 def test_the_warm_up_generates_on_every_loops_thread_and_leaves_no_trace(model_and_tokenizer):
-    """A replica's warm-up runs a forward on each loop's own thread (whose lazy set-up it is there to pay), yet
-    neither the step callback (the replica's metrics) nor the engine's counters see it; real requests count as ever."""
+    """A replica's warm-up runs forwards on each loop's own thread (whose lazy set-up it is there to pay), a
+    prefill of every power-of-two prompt length among them, yet neither the step callback (the replica's metrics)
+    nor the engine's counters see it; real requests count as ever."""
     model, tokenizer = model_and_tokenizer
-    threads: list[str] = []
-    hook = model.register_forward_pre_hook(lambda module, args: threads.append(threading.current_thread().name))
+    widths: dict[str, set[int]] = {}
+
+    def record(module, args, kwargs) -> None:
+        widths.setdefault(threading.current_thread().name, set()).add(kwargs["input_ids"].shape[1])
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     reported: list = []
     loops = EngineLoops(model, tokenizer, loops=2, max_batch_size=4, on_step=reported.append, torch_threads=1)
     loops.start()
     try:
         assert loops.warm_up([None]) > 0
-        assert sorted(set(threads)) == ["strata-engine-0", "strata-engine-1"]
+        longest = min(WARM_UP_LONGEST_PROMPT, loops.max_context - 1)
+        ladder = {1 << k for k in range(longest.bit_length())}
+        assert len(ladder) >= 6, ladder  # up to 32 tokens at least: the test model's context is long enough
+        assert sorted(widths) == ["strata-engine-0", "strata-engine-1"]
+        assert all(ladder <= seen for seen in widths.values()), widths
         counted = loops.stats()
         assert reported == [] and counted["steps"] == counted["tokens"] == counted["finished"] == 0
         collector = Collector()

@@ -115,8 +115,8 @@ class ModelServer:
         for metric in (*metrics, self.expert_tokens, self.requests, self.errors):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it gets
         self.engine.start()
-        # Warm before ready: one-time set-up paid here, not by a client, and a model that cannot generate never
-        # ready (Serve retries the replica, and the deploy says why). Each new prompt length still pays its own first.
+        # Warm before ready: one-time set-up (and the first prefill of each prompt-length bucket) paid here, not by
+        # a client, and a model that cannot generate is never ready (Serve retries it, and the deploy says why).
         adapters = list(dict.fromkeys(self.shared.adapter_of.values())) if self.shared else [None]
         seconds = self.engine.warm_up(adapters)
         self.experts.take()  # the warm-up's routed tokens are not traffic
