@@ -18,7 +18,6 @@ step's weight. Everything runs in this process beside the replicas, on the machi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import mlflow  # noqa: E402
 import ray  # noqa: E402
 from generation import build_base  # noqa: E402
 from ray import serve  # noqa: E402
+from reporting import RESULTS_DIR, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -46,7 +46,6 @@ from strata.serve import deploy  # noqa: E402
 from strata.serve.auth import hash_key  # noqa: E402
 from strata.serve.traffic import BackgroundTraffic  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 MODEL, APP, KEY = "bench-canary", "bench-canary", "sk-bench-canary-0123456789"
 STEPS = [5, 25, 50, 100]
 
@@ -98,7 +97,7 @@ def main() -> int:
     parser.add_argument("--bake-s", type=float, default=5.0)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--out", default=str(RESULTS_DIR / "canary.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "canary.json")
     args = parser.parse_args()
     console = Console()
 
@@ -180,8 +179,7 @@ def main() -> int:
     table.add_row("failed (bad canary)", f"{len(failed)} of {len(bad_traffic.seen)}, budget {budget:.1f}")
     table.add_row("targets met", str(result["targets_met"]))
     console.print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     console.print(f"wrote {args.out}")
     return 0
 

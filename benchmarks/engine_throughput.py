@@ -16,7 +16,6 @@ router and streaming cost. Runs on CPU or CUDA (bf16 there), without Ray. Timing
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -27,7 +26,6 @@ from typing import Any
 
 import torch
 from generation import (
-    ROOT,
     build_base,
     compare_level,
     levels_table,
@@ -36,6 +34,7 @@ from generation import (
     static_batches,
     synchronize,
 )
+from reporting import RESULTS_DIR, write_results
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,9 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--admission-group", type=int, default=EngineSettings().admission_group)
     parser.add_argument("--admission-wait", type=float, default=EngineSettings().admission_wait_s)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "engine_throughput.json", help="JSON file"
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "engine_throughput.json", help="JSON file")
     args = parser.parse_args()
     if args.max_tokens <= 0 or args.rounds <= 0:
         parser.error("--max-tokens and --rounds must be positive")
@@ -158,8 +155,7 @@ def main() -> None:
         "levels": levels,
         "seconds": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     report(console, results)
     console.print(f"results: {args.out} ({results['seconds']:.0f} s)")
 

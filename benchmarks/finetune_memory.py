@@ -69,6 +69,7 @@ import bitsandbytes  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from reporting import RESULTS_DIR, check, verdict, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
@@ -80,7 +81,6 @@ from strata.models.adapters import parameter_counts, trainable_model  # noqa: E4
 from strata.models.presets import build_model  # noqa: E402
 from strata.train.trainer import make_optimizer  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 METHODS = ("full", "lora", "qlora")
 VOCAB_SIZE = 8192
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -264,10 +264,6 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def verdict(met: bool) -> str:
-    return "[green]target met[/green]" if met else "[red]target missed[/red]"
-
-
 def report(console: Console, results: dict[str, Any]) -> None:
     setup = results["setup"]
     for name, base in results["bases"].items():
@@ -311,7 +307,11 @@ def report(console: Console, results: dict[str, Any]) -> None:
             f"QLoRA/LoRA {r['qlora_lora_tokens_per_s']:.2f}x; LoRA trains {r['lora_trainable_pct']:.2f}% of parameters"
         )
     targets = results["targets"]
-    for key, what in (("memory", "training peak memory"), ("weights", "weights memory"), ("eval_loss", "eval loss")):
+    for key, what in (
+        ("memory", "training peak memory"),
+        ("weights", "weights memory"),
+        ("eval_loss", "eval loss, |ratio - 1|,"),
+    ):
         target = targets[key]
         rss = f" (process RSS: {target['rss_value']:.3f})" if "rss_value" in target else ""
         console.print(
@@ -390,36 +390,22 @@ def main() -> None:
         },
         "bases": bases,
         "targets": {
-            "memory": {
-                "base": TARGET_BASE,
-                "measure": "tensors: the allocator's peak on a GPU, the profiler's allocations on the CPU",
-                "rss_value": target_ratios["qlora_lora_train_peak"],
-                "value": memory_ratio,
-                "target": f"<= {MEMORY_TARGET}",
-                "target_met": memory_ratio <= MEMORY_TARGET,
-            },
-            "weights": {
-                "base": TARGET_BASE,
-                "value": weights_ratio,
-                "target": f"<= {WEIGHTS_TARGET}",
-                "target_met": weights_ratio <= WEIGHTS_TARGET,
-            },
-            "eval_loss": {
-                "base": TARGET_BASE,
-                "value": eval_delta,
-                "target": f"|QLoRA/LoRA - 1| <= {EVAL_LOSS_TARGET}",
-                "target_met": eval_delta <= EVAL_LOSS_TARGET,
-            },
-            "lora_trainable": {
-                "value": trainable_pct,
-                "target": f"< {TRAINABLE_TARGET}%",
-                "target_met": trainable_pct < TRAINABLE_TARGET,
-            },
+            "memory": check(
+                memory_ratio,
+                "<=",
+                MEMORY_TARGET,
+                base=TARGET_BASE,
+                measure="tensors: the allocator's peak on a GPU, the profiler's allocations on the CPU",
+                rss_value=target_ratios["qlora_lora_train_peak"],
+            ),
+            "weights": check(weights_ratio, "<=", WEIGHTS_TARGET, base=TARGET_BASE),
+            # |QLoRA/LoRA - 1|
+            "eval_loss": check(eval_delta, "<=", EVAL_LOSS_TARGET, base=TARGET_BASE),
+            "lora_trainable": check(trainable_pct, "<", TRAINABLE_TARGET, unit="%"),
         },
         "wall_s": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     report(console, results)
     console.print(f"wrote {args.out} in {results['wall_s']:.0f} s")
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from generation import ROOT, build_base, make_prompts
+from generation import build_base, make_prompts
+from reporting import RESULTS_DIR, write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "moe-1b"], help="model preset")
     parser.add_argument("--samples", type=int, default=4, help="fresh processes per side")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of the engine loop")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "first_request.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "first_request.json")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # one sample: the model directory
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,8 +135,7 @@ def main() -> None:
         **{side: summary(samples) for side, samples in sides.items()},
         "seconds": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     table = Table(
         title=f"a fresh replica's first request: {args.preset} in {results['dtype']}, median of "
         f"{args.samples} processes a side"

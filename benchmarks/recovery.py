@@ -16,7 +16,6 @@ interval without; resume in under 30 s here. Results go to benchmarks/results/re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the local multi-node cluster and fake
 import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from raycluster import FakeMetadataService, LocalCluster, start_job, start_spot_watcher  # noqa: E402
+from reporting import RESULTS_DIR, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -129,7 +129,7 @@ def wait_for_extra_checkpoint(run_dir: Path, timeout_s: float = 120) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/recovery.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "recovery.json")
     args = parser.parse_args()
 
     workdir = Path(args.out).parent / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -160,8 +160,7 @@ def main() -> int:
     }
     for name, met in targets.items():
         console.print(f"{name}: {'target met' if met else 'target missed'}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"results": results, "targets": targets}, indent=2))
+    write_results(args.out, {"results": results, "targets": targets})
     console.print(f"written to {args.out}")
     return 0
 

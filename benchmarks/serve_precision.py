@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import tempfile
@@ -29,7 +28,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from engine_throughput import engine_clients
-from generation import ROOT, build_base, make_prompts
+from generation import build_base, make_prompts
+from reporting import RESULTS_DIR, check, verdict, write_results
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
@@ -225,9 +225,7 @@ def check_targets(results: dict[str, dict]) -> dict[str, dict]:
     for target, (name, metric, relation, bound) in TARGETS.items():
         if metric not in results.get(name, {}) or metric not in results["fp32"]:
             continue
-        ratio = results[name][metric] / results["fp32"][metric]
-        met = ratio >= bound if relation == ">=" else ratio <= bound
-        checked[target] = {"ratio_vs_fp32": ratio, "target": f"{relation} {bound}", "target_met": met}
+        checked[target] = check(results[name][metric] / results["fp32"][metric], relation, bound)
     return checked
 
 
@@ -240,7 +238,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per precision, taken in turns")
     parser.add_argument("--held-out", type=int, default=128, help="held-out sequences to evaluate on")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_precision.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve_precision.json")
     args = parser.parse_args()
     names = args.precisions.split(",")
     http_names = [n for n in args.http.split(",") if n]
@@ -303,8 +301,7 @@ def main() -> None:
         "targets": check_targets(results),
         "seconds": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_results(args.out, report)
     show(console, report)
     console.print(f"results: {args.out} ({report['seconds']:.0f} s)")
 
@@ -332,9 +329,10 @@ def show(console: Console, report: dict[str, Any]) -> None:
             f"{r['top1_agreement']:.1%}",
         )
     console.print(table)
-    for target, check in report["targets"].items():
-        verdict = "[green]met[/green]" if check["target_met"] else "[red]missed[/red]"
-        console.print(f"{target}: {check['ratio_vs_fp32']:.3f}x fp32 (target {check['target']}) {verdict}")
+    for target, checked in report["targets"].items():
+        console.print(
+            f"{target}: {checked['value']:.3f}x fp32 (target {checked['target']}): {verdict(checked['target_met'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from fastapi import Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from generation import build_base, compare_level, levels_table, make_prompts, percentile  # noqa: E402
 from ray import serve  # noqa: E402
+from reporting import RESULTS_DIR, check, verdict, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
@@ -58,7 +59,6 @@ from strata.serve.model_server import ModelServer  # noqa: E402
 from strata.serve.protocol import CompletionRequest  # noqa: E402
 from strata.serve.router import engine_request  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 THREADS = 2  # torch threads for the baselines and for the model replica
 CONCURRENCY = (1, 8, 32)
 TARGET_VS_STATIC = 0.8
@@ -263,21 +263,12 @@ def main() -> None:
         "levels": levels,
         "router_latency": latency,
         "targets": {
-            "vs_static_batch_at_32": {
-                "value": top["strata_vs_static_batch"],
-                "target": f">= {TARGET_VS_STATIC}",
-                "target_met": top["strata_vs_static_batch"] >= TARGET_VS_STATIC,
-            },
-            "router_work_p50_ms": {
-                "value": latency["router_work_p50_ms"],
-                "target": f"<= {TARGET_ROUTER_MS}",
-                "target_met": latency["router_work_p50_ms"] <= TARGET_ROUTER_MS,
-            },
+            "vs_static_batch_at_32": check(top["strata_vs_static_batch"], ">=", TARGET_VS_STATIC),
+            "router_work_p50_ms": check(latency["router_work_p50_ms"], "<=", TARGET_ROUTER_MS),
         },
         "seconds": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     report(console, results)
     console.print(f"results: {args.out} ({results['seconds']:.0f} s)")
 
@@ -291,8 +282,7 @@ def report(console: Console, results: dict[str, Any]) -> None:
         f"-> +{latency['added_p50_ms']:.2f} ms (a bare Serve hop: +{latency['bare_hop_added_p50_ms']:.2f} ms)"
     )
     for name, target in results["targets"].items():
-        verdict = "[green]met[/green]" if target["target_met"] else "[red]missed[/red]"
-        console.print(f"{name}: {target['value']:.2f} (target {target['target']}) {verdict}")
+        console.print(f"{name}: {target['value']:.2f} (target {target['target']}): {verdict(target['target_met'])}")
 
 
 if __name__ == "__main__":

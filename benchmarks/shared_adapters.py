@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 from generation import build_base, make_prompts  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from ray import serve  # noqa: E402
+from reporting import RESULTS_DIR, check, verdict, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -57,7 +57,6 @@ from strata.serve.app import build_application  # noqa: E402
 from strata.serve.loading import load_for_serving  # noqa: E402
 from strata.serve.shared_base import SharedBase  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 API_KEY = "sk-bench-0123456789abcdef"
 VARIANTS = ("a", "b")
 TARGET_MEMORY = 0.6
@@ -247,23 +246,14 @@ def main() -> None:
         "weight_bytes": {**weights, "one_model": weights["two_replicas"] // 2},
         "runs": runs,
         "targets": {
-            "memory_ratio": {
-                "value": memory_ratio,
-                "target": f"<= {TARGET_MEMORY}",
-                "target_met": memory_ratio <= TARGET_MEMORY,
-            },
-            "tokens_per_s_ratio": {
-                "value": tokens_ratio,
-                "target": f">= {TARGET_TOKENS}",
-                "target_met": tokens_ratio >= TARGET_TOKENS,
-            },
+            "memory_ratio": check(memory_ratio, "<=", TARGET_MEMORY),
+            "tokens_per_s_ratio": check(tokens_ratio, ">=", TARGET_TOKENS),
             "weight_bytes_ratio": {"value": weights["shared_replica"] / weights["two_replicas"]},
             "shared_vs_one_model_tokens_per_s": {"value": tokens_per_s["shared_replica"] / tokens_per_s["one_model"]},
         },
         "seconds": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     report(console, results)
     console.print(f"results: {args.out} ({results['seconds']:.0f} s)")
 
@@ -287,8 +277,7 @@ def report(console: Console, results: dict[str, Any]) -> None:
         if "target" not in target:
             console.print(f"{name}: {target['value']:.2f}")
             continue
-        verdict = "[green]met[/green]" if target["target_met"] else "[red]missed[/red]"
-        console.print(f"{name}: {target['value']:.2f} (target {target['target']}) {verdict}")
+        console.print(f"{name}: {target['value']:.2f} (target {target['target']}): {verdict(target['target_met'])}")
 
 
 if __name__ == "__main__":

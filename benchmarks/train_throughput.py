@@ -36,6 +36,7 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from reporting import RESULTS_DIR, check, verdict, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -50,7 +51,6 @@ from strata.runtime import strata_runtime_env  # noqa: E402
 from strata.train.pretrain_loop import train_loop_per_worker  # noqa: E402
 from strata.train.trainer import lr_lambda, make_optimizer, make_trainer  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 NUM_CPUS = 2  # Ray's CPUs, the Ray worker's CPUs and the torch threads of every measurement
 WINDOW_STEPS = 10  # steps per timing window (the Ray loop's log interval); the first window is warmup
 RAY_TARGET = 0.95  # Ray tokens/s >= RAY_TARGET x plain tokens/s
@@ -187,10 +187,6 @@ def moe_vs_dense(cfg: PretrainConfig, tokenizer_dir: str, progress: Progress) ->
     }
 
 
-def verdict(met: bool) -> str:
-    return "[green]target met[/green]" if met else "[red]target missed[/red]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help=f"timed steps, a multiple of {WINDOW_STEPS}")
@@ -226,8 +222,8 @@ def main() -> None:
     plain_windows = plain_before["window_tokens_per_s"] + plain_after["window_tokens_per_s"]
     plain_rate = statistics.median(plain_windows)
     ray_rate = statistics.median(on_ray["window_tokens_per_s"])
-    ray_ratio, moe_ratio = ray_rate / plain_rate, moe["moe_ms"] / moe["dense_ms"]
-    ray_met, moe_met = ray_ratio >= RAY_TARGET, moe_ratio <= MOE_TARGET
+    ray_target = check(ray_rate / plain_rate, ">=", RAY_TARGET)
+    moe_target = check(moe["moe_ms"] / moe["dense_ms"], "<=", MOE_TARGET)
     versions = {"torch": torch.__version__, "ray": ray.__version__, "transformers": transformers.__version__}
     results = {
         "setup": {
@@ -246,18 +242,15 @@ def main() -> None:
         "train": {
             "plain_tokens_per_s": plain_rate,
             "ray_tokens_per_s": ray_rate,
-            "ratio": ray_ratio,
-            "target": f">= {RAY_TARGET}",
-            "target_met": ray_met,
+            **ray_target,
             "plain_before": plain_before,
             "ray": on_ray,
             "plain_after": plain_after,
         },
-        "moe": {**moe, "ratio": moe_ratio, "target": f"<= {MOE_TARGET}", "target_met": moe_met},
+        "moe": {**moe, **moe_target},
         "wall_s": time.perf_counter() - began,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
     train = Table(title=f"tiny preset, {NUM_CPUS} threads: tokens/s per {WINDOW_STEPS}-step window")
     for column in ("loop", "windows (k tokens/s)", "median tokens/s", "final LM loss"):
@@ -274,8 +267,10 @@ def main() -> None:
     layer.add_row(moe_name, f"{moe['moe_active_params']:,}", f"{moe['moe_ms']:.2f}")
     layer.add_row("dense SwiGLU MLP", f"{moe['dense_params']:,}", f"{moe['dense_ms']:.2f}")
     console.print(train, layer)
-    console.print(f"Ray / plain tokens/s: {ray_ratio:.3f}x (target >= {RAY_TARGET}x): {verdict(ray_met)}")
-    console.print(f"MoE / dense time:     {moe_ratio:.3f}x (target <= {MOE_TARGET}x): {verdict(moe_met)}")
+    for what, target in (("Ray / plain tokens/s", ray_target), ("MoE / dense time", moe_target)):
+        console.print(
+            f"{what + ':':21} {target['value']:.3f}x (target {target['target']}x): {verdict(target['target_met'])}"
+        )
     console.print(f"wrote {args.out} in {results['wall_s']:.0f} s")
 
 

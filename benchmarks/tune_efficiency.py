@@ -15,7 +15,6 @@ asserted: the script exits 0 either way.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import yaml  # noqa: E402
 from generation import build_base  # noqa: E402
+from reporting import RESULTS_DIR, write_results  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -35,7 +35,6 @@ from strata.config.tune import load_tune_config  # noqa: E402
 from strata.runtime import init_ray  # noqa: E402
 from strata.tune.sweep import run_sweep  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 LEARNING_RATES = [3e-4, 1e-3, 3e-3, 1e-2]
 RANKS = [4, 16]
 
@@ -141,8 +140,7 @@ def main() -> None:
         f"{report['best_eval_loss_gap']:+.2%} from the exhaustive best (target <= +2%): "
         f"{'met' if report['targets_met'] else 'NOT met'}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_results(args.out, report)
     console.print(f"wrote {args.out}")
 
 
