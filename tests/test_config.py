@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-from strata.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from strata.config import ConfigError, FinetuneConfig, PretrainConfig, ServeConfig, load_config
 from strata.config.tune import load_tune_config
 from strata.tracking import flatten
 
@@ -42,6 +45,29 @@ def test_shipped_configs_are_valid(config_file):
     schema = FinetuneConfig if config_file.name.startswith("finetune") else PretrainConfig
     cfg = load_config(config_file, schema)
     assert cfg.grad_accum_steps >= 1
+
+
+def readme_yaml_examples() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [textwrap.dedent(block) for block in re.findall(r"^ *```yaml\n(.*?)^ *```", text, re.S | re.M)]
+
+
+@pytest.mark.parametrize("example", readme_yaml_examples(), ids=lambda text: text.split(":")[0])
+def test_readme_yaml_examples_are_valid(example, tmp_path):
+    """Each YAML block in the README is validated as what it shows: a sweep, serve variants or a pretraining part."""
+    tree = yaml.safe_load(example)
+    if "search_space" in tree:
+        shutil.copy(ROOT / "configs" / tree["base_config"], tmp_path)
+        sweep, _ = load_tune_config(write(tmp_path, tree))
+        assert set(sweep.search_space) == set(tree["search_space"])
+    elif "variants" in tree:
+        serve = ServeConfig.model_validate({"model_name": "strata-tiny", **tree})
+        assert [v.name for v in serve.variants] == [v["name"] for v in tree["variants"]]
+    else:  # a part of a pretraining config, shown on the cluster example
+        job = yaml.safe_load((ROOT / "configs" / "pretrain-cluster.yaml").read_text())
+        for section, fields in tree.items():
+            job[section] = {**job.get(section, {}), **fields}
+        PretrainConfig.model_validate(job)
 
 
 def test_finetune_config_errors_name_the_field(tmp_path):
