@@ -40,6 +40,33 @@ def test_prompt_tokens_are_masked_and_response_is_learned(tmp_path, tokenizer):
     assert learned.startswith("def f") and learned.endswith("<|im_end|>\n")  # the model learns to stop
 
 
+LLAMA3_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("generation_prompt", ["as rendered", "differs"])
+def test_a_base_with_another_chat_template_learns_its_own_end_of_turn(tmp_path, small_data, generation_prompt):
+    """A model from elsewhere (Llama 3's template) learns to end a response with its own end-of-turn token,
+    the one serving stops at, not ChatML's <|im_end|> as text; also where the generation prompt is not the
+    start of the rendered turn (then the turn is closed with that token directly)."""
+    from strata.data.sft import encode
+
+    tokenizer = load_tokenizer(small_data[1].tokenizer_dir)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    if generation_prompt == "differs":
+        tokenizer.chat_template = LLAMA3_TEMPLATE.replace("assistant<|end_header_id|>", "reply<|end_header_id|>")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    example = encode([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "def f(): pass"}], tokenizer)
+    learned = [label for label in example.labels if label != IGNORE_INDEX]
+    assert learned[-1] == eot and "<|im_end|>" not in tokenizer.decode(learned)
+    assert tokenizer.decode(learned[:-1]) == "def f(): pass"
+
+
 def test_messages_records_and_parquet_files(tmp_path, tokenizer):
     records = [
         {

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from strata.config import SFTDataConfig, stdlib_source_dir
+from strata.data.tokenizer import end_of_turn_id
 from strata.paths import fetched
 
 SCHEMA_SAMPLE = 100  # records kept for the dataset's schema in MLflow
@@ -109,9 +110,19 @@ def to_messages(record: dict) -> list[dict]:
 
 
 def encode(messages: list[dict], tokenizer) -> SFTExample:
-    """Prompt (chat template + generation prompt) and response are tokenized apart, so the mask is exact."""
+    """Prompt (chat template + generation prompt) and response are tokenized apart, so the mask is exact.
+
+    The response is what the model's own template renders after the prompt: the content and whatever closes the
+    turn (`<|im_end|>` in ChatML, `<|eot_id|>` in Llama 3), so the model learns to stop where serving stops."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    response = messages[-1]["content"] + "<|im_end|>\n"
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    if whole.startswith(prompt):
+        response = whole[len(prompt) :]
+    else:  # a template that renders earlier turns differently once the reply is there: close the turn ourselves
+        closing = end_of_turn_id(tokenizer)
+        response = messages[-1]["content"] + (
+            tokenizer.eos_token if closing is None else tokenizer.convert_ids_to_tokens(closing)
+        )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     return SFTExample(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids)
