@@ -247,6 +247,9 @@ def test_registered_lora_and_qlora_fine_tunes_share_their_recorded_base(tiny_bas
     missing = shared.info["tuned"]["adapter"].removesuffix("/adapter") + "/nothing"
     with pytest.raises(ValueError, match=f"variant 'gone': no peft adapter at {missing}"):
         check_group("g", [*registered, VariantConfig(name="gone", model=base, adapter=missing, engine=FP32)])
+    unknown = VariantConfig(name="next", model="models:/tiny/99", replica_group="g", engine=FP32)
+    with pytest.raises(ValueError, match="replica group 'g': models:/tiny/99: .*not found"):
+        check_group("g", [*registered, unknown])  # a version that is not there: a clear error, not MLflow's raw one
     members = [VariantConfig(name="tuned", model=tuned, replica_group="g", engine=FP32)]
     assert group_base(members) == base  # what `strata add-variant --adapter` puts the new adapter on
     shared.add(VariantConfig(name="added", model=group_base(members), adapter=str(adapters["b"]), engine=FP32))

@@ -194,16 +194,20 @@ class FineTune:
 
 def fine_tune_of(spec: str) -> FineTune | None:
     """What a registered version was fine-tuned from (`strata.job=finetune` tags and its run's `adapter`
-    artifact); None for a directory, a pretrained version or a full fine-tune, which have no adapter to share."""
+    artifact); None for a directory, a pretrained version or a full fine-tune, which have no adapter to share.
+    ModelNotFound, saying why, for a version that is not there."""
     if not spec.startswith("models:/"):
         return None
     name, _, ref = spec.removeprefix("models:/").partition("@")
     client = MlflowClient()
-    if ref:
-        version = client.get_model_version_by_alias(name, ref)
-    else:
-        name, _, number = name.partition("/")
-        version = client.get_model_version(name, number)
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        raise ModelNotFound(f"{spec}: {err.message}") from None
     tags = version.tags
     if tags.get("strata.job") != "finetune" or tags.get("strata.method") not in ("lora", "qlora"):
         return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strata.config import ServeConfig, VariantConfig, replica_groups
-from strata.registry import fine_tune_of, pin
+from strata.registry import ModelNotFound, fine_tune_of, pin
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,20 @@ def check_group(group: str, members: list[VariantConfig]) -> None:
     """Before anything loads (at deploy, and before a variant joins a running group), ValueError naming the
     variant: the group has an adapter to share its base with, every member is built on the same base (registry
     versions compared by number), and every adapter is there and stacks. Reads configs, never weights."""
-    sources = {member.name: adapter_source(member) for member in members}
+    try:
+        sources = {member.name: adapter_source(member) for member in members}
+        pinned = {name: pin(source.base) for name, source in sources.items()}
+    except ModelNotFound as err:
+        raise ValueError(f"replica group {group!r}: {err}") from None
     adapted = [name for name, source in sources.items() if source.adapter]
     if not adapted:
         raise ValueError(
             f"replica group {group!r} ({', '.join(sources)}): none of its variants is a LoRA adapter or a registered "
             "LoRA/QLoRA fine-tune, so there is no base to share; deploy them without a replica group"
         )
-    base = pin(sources[adapted[0]].base)
+    base = pinned[adapted[0]]
     for name, source in sources.items():
-        if pin(source.base) != base:
+        if pinned[name] != base:
             raise ValueError(
                 f"variant {name!r} is built on {source.base}, not on its replica group {group!r}'s base "
                 f"{sources[adapted[0]].base} ({adapted[0]!r}'s): a group shares one base"

@@ -142,8 +142,9 @@ class Router:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """New split weights, applied live: requests in flight keep the variant they were given. `variants` lists the
-        variants added to a running replica group since the application started (`replica_groups.add_group_variant`): each
-        is served by its group's handle, the group's replicas having loaded its adapter."""
+        variants added to a running replica group since the application started
+        (`replica_groups.add_group_variant`): each is served by its group's handle, the group's replicas having loaded
+        its adapter."""
         groups = {v.replica_group: self.variants[v.name] for v in self.config.variants if v.replica_group}
         for added in user_config.get("variants", []):
             variant = VariantConfig.model_validate(added)
