@@ -186,3 +186,15 @@ def test_finetune_cli_stops_on_bad_records_with_file_and_line(tmp_path, tiny_bas
     assert main(["finetune", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"{data}:21: missing field 'response'" in err.replace("\n", "")
+
+
+def test_finetune_cli_refuses_data_with_no_eval_split_naming_the_fields(tmp_path, tiny_base, capsys):
+    """Two records both on the train side: a CLI error naming the file and `data.eval_fraction`, no traceback."""
+    from strata.cli import main
+
+    data = write_jsonl(tmp_path / "two.jsonl", GOOD[:2])
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"base_model: {tiny_base}\ndata: {{train_file: {data}, eval_fraction: 0.01}}\n")
+    assert main(["finetune", "--config", str(config)]) == 2
+    unwrapped = "".join(capsys.readouterr().err.split())  # the console wraps lines at its width
+    assert "".join(f"data.train_file {data}: 2 train and 0 eval examples (data.eval_fraction 0.01".split()) in unwrapped

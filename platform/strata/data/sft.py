@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from strata.config import SFTDataConfig, stdlib_source_dir
+from strata.config import ConfigError, SFTDataConfig, stdlib_source_dir
 from strata.data.tokenizer import end_of_turn_id
 from strata.paths import fetched
 
@@ -174,7 +174,10 @@ def load_sft_dataset(cfg: SFTDataConfig, tokenizer) -> SFTDataset:
         shown = "\n".join(f"  {b}" for b in bad[:20])
         raise BadRecordsError(f"{len(bad)} bad record(s) in {source} (data.on_bad_record=error):\n{shown}")
     if not train or not evaluation:
-        raise ValueError(f"{source}: {len(train)} train and {len(evaluation)} eval examples; need at least one of each")
+        raise ConfigError(
+            f"data.train_file {source}: {len(train)} train and {len(evaluation)} eval examples (data.eval_fraction "
+            f"{cfg.eval_fraction}, {len(bad)} bad records skipped); need at least one of each"
+        )
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
     return SFTDataset(train, evaluation, bad, digest, source, sample)
